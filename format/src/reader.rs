@@ -1,0 +1,1012 @@
+//! The reader: [`Image::open`] validates an image once — superblock, metadata checksum, every
+//! table bound, every inode, directory entry, chunk, block and xattr record, and the directory
+//! graph (no cycles, no directory reachable twice) — and then answers lookup, readdir,
+//! getattr, readlink, xattr and data reads without further metadata I/O.
+//!
+//! Opening costs two `pread`s: the superblock and the whole stored metadata. Data blocks are
+//! read with `pread` as well, never `mmap`: an I/O error on a mapped file on a parallel
+//! filesystem would be a SIGBUS. Every number taken from the file is checked before use, so a
+//! hostile image gives an [`Error`], never a panic, a hang or an allocation beyond
+//! [`OpenOptions::max_metadata`] (data blocks are at most 1 MiB each).
+
+use crate::layout::{
+    Block, Chunk, Dirent, HOLE, INCOMPAT_KNOWN, Inode, MAGIC, MAX_BLOCK_LOG, MIN_BLOCK_LOG,
+    MetaHeader, ROOT_INO, Superblock, Table, VERSION_MAJOR, Xattr,
+};
+use crate::{Error, FileKind, Result};
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// A source of image bytes read by offset: a file, or memory in tests and tools.
+pub trait ReadAt: Send + Sync {
+    /// Fill `buf` from `offset`, or fail (a short read is an error).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn size(&self) -> io::Result<u64>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| Some(o..o.checked_add(buf.len())?))
+            .and_then(|r| self.get(r))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+/// Limits applied while opening an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Largest decompressed metadata accepted, in bytes (default 2 GiB, enough for some
+    /// twenty million entries). Bounds the only large allocation the reader makes.
+    pub max_metadata: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { max_metadata: 2 << 30 }
+    }
+}
+
+/// Attributes of one inode, as `stat` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number (root is 1).
+    pub ino: u32,
+    /// File type.
+    pub kind: FileKind,
+    /// Full `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Size in bytes (directories: number of entries).
+    pub size: u64,
+    /// Modification time, seconds.
+    pub mtime_sec: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// Device number of a character or block device.
+    pub rdev: u64,
+}
+
+impl Attr {
+    /// Permission bits (including setuid, setgid, sticky).
+    pub fn perm(&self) -> u32 {
+        self.mode & 0o7777
+    }
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    /// Name bytes (never empty, never `.` or `..`, no `/` or NUL).
+    pub name: &'a [u8],
+    /// Inode number.
+    pub ino: u32,
+    /// File type.
+    pub kind: FileKind,
+}
+
+/// A contiguous piece of a regular file: `len` bytes at `file_offset`, stored at
+/// `block_offset` in block `block`, or zeros when `block` is `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub file_offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Block index, `None` for a hole.
+    pub block: Option<u32>,
+    /// Offset inside the decompressed block.
+    pub block_offset: u32,
+}
+
+/// What the superblock says, in native integers.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Format version (major, minor).
+    pub version: (u16, u16),
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// zstd level used by the writer.
+    pub level: i8,
+    /// Compatible feature bits.
+    pub compat: u64,
+    /// Incompatible feature bits.
+    pub incompat: u64,
+    /// Size of the image file.
+    pub image_size: u64,
+    /// Data region.
+    pub data: Range<u64>,
+    /// Stored metadata region.
+    pub meta: Range<u64>,
+    /// Decompressed metadata length.
+    pub meta_raw_len: u64,
+    /// Number of hot blocks at the start of the data region.
+    pub hot_blocks: u64,
+    /// xxh3-128 of the data and metadata regions.
+    pub digest: u128,
+}
+
+/// An open, validated image. Cheap to share between threads (`&Image` is `Sync`).
+pub struct Image<R = File> {
+    src: R,
+    label: PathBuf,
+    sum: Summary,
+    block_log: u8,
+    meta: Vec<u8>,
+    hdr: MetaHeader,
+    inodes: Range<usize>,
+    dirents: Range<usize>,
+    chunks: Range<usize>,
+    blocks: Range<usize>,
+    xattrs: Range<usize>,
+    blob: Range<usize>,
+}
+
+impl<R> std::fmt::Debug for Image<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("label", &self.label).field("summary", &self.sum).finish()
+    }
+}
+
+impl Image<File> {
+    /// Open and validate the image at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Open and validate with explicit limits.
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Image::from_reader(file, path, opts)
+    }
+}
+
+fn table_range<T: zerocopy::KnownLayout>(
+    t: &Table,
+    elem: usize,
+    meta_len: usize,
+    name: &str,
+) -> Result<Range<usize>> {
+    let off = t.offset.get();
+    let bytes = t.count.get().checked_mul(elem as u64);
+    let end = bytes.and_then(|b| off.checked_add(b));
+    match end {
+        Some(end) if end <= meta_len as u64 => Ok(off as usize..end as usize),
+        _ => Err(Error::corrupt(
+            format!(
+                "metadata {name} table (offset {off}, {} records) runs past the metadata end ({meta_len})",
+                t.count.get()
+            ),
+            0,
+        )),
+    }
+}
+
+/// Decompressed metadata offsets are reported relative to the metadata region, marked so.
+fn meta_err(what: impl std::fmt::Display, at: usize) -> Error {
+    Error::corrupt(format!("metadata: {what}"), at as u64)
+}
+
+impl<R: ReadAt> Image<R> {
+    /// Open and validate an image from any [`ReadAt`]; `label` names it in errors.
+    pub fn from_reader(src: R, label: impl Into<PathBuf>, opts: &OpenOptions) -> Result<Self> {
+        let label = label.into();
+        let io = |e| Error::io(&label, e);
+        let file_size = src.size().map_err(io)?;
+        if file_size < size_of::<Superblock>() as u64 {
+            return Err(Error::corrupt(
+                format!("file is {file_size} bytes, too small to be a cimg image"),
+                0,
+            ));
+        }
+        let mut sbuf = [0u8; size_of::<Superblock>()];
+        src.read_exact_at(&mut sbuf, 0).map_err(io)?;
+        let sb = Superblock::read_from_bytes(&sbuf).map_err(|_| Error::corrupt("superblock", 0))?;
+        if sb.magic != MAGIC {
+            return Err(Error::corrupt("bad magic: not a cimg image", 0));
+        }
+        let want = xxh3_64(&sbuf[..120]);
+        if sb.checksum.get() != want {
+            return Err(Error::corrupt("superblock checksum mismatch", 120));
+        }
+        if sb.version_major.get() != VERSION_MAJOR {
+            return Err(Error::Unsupported(format!(
+                "format version {}.{}, this reader knows {VERSION_MAJOR}.x",
+                sb.version_major.get(),
+                sb.version_minor.get()
+            )));
+        }
+        let unknown = sb.incompat.get() & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(Error::Unsupported(format!("incompatible feature bits {unknown:#x}")));
+        }
+        if !(MIN_BLOCK_LOG..=MAX_BLOCK_LOG).contains(&sb.block_log) {
+            return Err(Error::corrupt(format!("block_log {} out of range", sb.block_log), 12));
+        }
+        let image_size = sb.image_size.get();
+        if image_size != file_size {
+            return Err(Error::corrupt(
+                format!("superblock says {image_size} bytes but the file has {file_size}: truncated or altered"),
+                32,
+            ));
+        }
+        let region = |off: u64, len: u64, what: &str, at: u64| -> Result<Range<u64>> {
+            match off.checked_add(len) {
+                Some(end) if off >= size_of::<Superblock>() as u64 && end <= image_size => {
+                    Ok(off..end)
+                }
+                _ => Err(Error::corrupt(format!("{what} region {off}+{len} outside the file"), at)),
+            }
+        };
+        let data = region(sb.data_offset.get(), sb.data_len.get(), "data", 40)?;
+        let meta = region(sb.meta_offset.get(), sb.meta_stored_len.get(), "metadata", 56)?;
+        if meta.start < data.end {
+            return Err(Error::corrupt("metadata region overlaps the data region", 56));
+        }
+        let raw_len = sb.meta_raw_len.get();
+        if raw_len < size_of::<MetaHeader>() as u64 || raw_len > opts.max_metadata {
+            return Err(Error::corrupt(
+                format!("metadata length {raw_len} outside 128..={}", opts.max_metadata),
+                72,
+            ));
+        }
+        if meta.end - meta.start > opts.max_metadata {
+            return Err(Error::corrupt("stored metadata larger than the limit", 64));
+        }
+        let mut stored = vec![0u8; (meta.end - meta.start) as usize];
+        src.read_exact_at(&mut stored, meta.start).map_err(io)?;
+        if xxh3_64(&stored) != sb.meta_checksum.get() {
+            return Err(Error::corrupt("metadata checksum mismatch", meta.start));
+        }
+        let mut raw = Vec::with_capacity(raw_len as usize);
+        let dec = zstd::stream::read::Decoder::with_buffer(&stored[..])
+            .and_then(|d| d.take(raw_len + 1).read_to_end(&mut raw));
+        match dec {
+            Ok(n) if n as u64 == raw_len => {}
+            Ok(n) => {
+                return Err(Error::corrupt(
+                    format!("metadata decompresses to {n} bytes, superblock says {raw_len}"),
+                    meta.start,
+                ));
+            }
+            Err(e) => {
+                return Err(Error::corrupt(format!("metadata does not decompress: {e}"), meta.start));
+            }
+        }
+        drop(stored);
+        let hdr = MetaHeader::read_from_prefix(&raw).map_err(|_| meta_err("short header", 0))?.0;
+        let n = raw.len();
+        let image = Image {
+            inodes: table_range::<Inode>(&hdr.inodes, size_of::<Inode>(), n, "inode")?,
+            dirents: table_range::<Dirent>(&hdr.dirents, size_of::<Dirent>(), n, "dirent")?,
+            chunks: table_range::<Chunk>(&hdr.chunks, size_of::<Chunk>(), n, "chunk")?,
+            blocks: table_range::<Block>(&hdr.blocks, size_of::<Block>(), n, "block")?,
+            xattrs: table_range::<Xattr>(&hdr.xattrs, size_of::<Xattr>(), n, "xattr")?,
+            blob: table_range::<u8>(&hdr.blob, 1, n, "blob")?,
+            src,
+            label,
+            block_log: sb.block_log,
+            sum: Summary {
+                version: (sb.version_major.get(), sb.version_minor.get()),
+                block_size: 1 << sb.block_log,
+                level: sb.level,
+                compat: sb.compat.get(),
+                incompat: sb.incompat.get(),
+                image_size,
+                data,
+                meta,
+                meta_raw_len: raw_len,
+                hot_blocks: sb.hot_blocks.get(),
+                digest: u128::from_le_bytes(sb.digest),
+            },
+            meta: raw,
+            hdr,
+        };
+        image.validate()?;
+        Ok(image)
+    }
+
+    fn table<T: FromBytes + zerocopy::Immutable + zerocopy::KnownLayout>(
+        &self,
+        r: &Range<usize>,
+    ) -> &[T] {
+        self.meta.get(r.clone()).and_then(|b| <[T]>::ref_from_bytes(b).ok()).unwrap_or(&[])
+    }
+
+    fn inode_table(&self) -> &[Inode] {
+        self.table(&self.inodes)
+    }
+    fn dirent_table(&self) -> &[Dirent] {
+        self.table(&self.dirents)
+    }
+    fn chunk_table(&self) -> &[Chunk] {
+        self.table(&self.chunks)
+    }
+    fn block_table(&self) -> &[Block] {
+        self.table(&self.blocks)
+    }
+    fn xattr_table(&self) -> &[Xattr] {
+        self.table(&self.xattrs)
+    }
+    fn blob(&self) -> &[u8] {
+        self.meta.get(self.blob.clone()).unwrap_or(&[])
+    }
+
+    fn blob_slice(&self, off: u64, len: u64, what: &str) -> Result<&[u8]> {
+        off.checked_add(len)
+            .filter(|&e| e <= self.blob.len() as u64)
+            .and_then(|e| self.blob().get(off as usize..e as usize))
+            .ok_or_else(|| meta_err(format!("{what} {off}+{len} outside the blob"), self.blob.start))
+    }
+
+    fn inode_offset(&self, ino: u32) -> usize {
+        self.inodes.start + (ino as usize).saturating_sub(1) * size_of::<Inode>()
+    }
+
+    /// Checks every record once so later accessors cannot meet an inconsistency.
+    fn validate(&self) -> Result<()> {
+        let inodes = self.inode_table();
+        let dirents = self.dirent_table();
+        let chunks = self.chunk_table();
+        let blocks = self.block_table();
+        let xattrs = self.xattr_table();
+        let bs = self.sum.block_size as u64;
+        if inodes.is_empty() || inodes.len() >= u32::MAX as usize {
+            return Err(meta_err(format!("inode count {}", inodes.len()), self.inodes.start));
+        }
+        if blocks.len() >= HOLE as usize {
+            return Err(meta_err("too many blocks", self.blocks.start));
+        }
+        if self.sum.hot_blocks > blocks.len() as u64 {
+            return Err(Error::corrupt("hot_blocks exceeds the block count", 88));
+        }
+        let cfg = &self.hdr.config;
+        self.blob_slice(cfg.offset.get(), cfg.count.get(), "config")?;
+        for (i, b) in blocks.iter().enumerate() {
+            let at = self.blocks.start + i * size_of::<Block>();
+            let (off, st, raw) = (b.offset.get(), b.stored_len.get() as u64, b.raw_len.get() as u64);
+            let inside = off >= self.sum.data.start
+                && off.checked_add(st).is_some_and(|e| e <= self.sum.data.end);
+            if !inside || st == 0 || raw == 0 || raw > bs || st > raw {
+                return Err(meta_err(format!("block {i} (offset {off}, {st}/{raw} bytes) invalid"), at));
+            }
+        }
+        for (i, node) in inodes.iter().enumerate() {
+            let ino = i as u32 + 1;
+            let at = self.inodes.start + i * size_of::<Inode>();
+            let bad = |what: String| meta_err(format!("inode {ino}: {what}"), at);
+            let kind = FileKind::from_mode(node.mode.get())
+                .ok_or_else(|| bad(format!("unknown file type in mode {:#o}", node.mode.get())))?;
+            if node.mtime_nsec.get() >= 1_000_000_000 {
+                return Err(bad("nanoseconds out of range".into()));
+            }
+            let (first, count, size) = (node.first.get(), node.count.get() as u64, node.size.get());
+            match kind {
+                FileKind::File => {
+                    let want = size.div_ceil(bs);
+                    if count != want {
+                        return Err(bad(format!("{count} chunks for {size} bytes")));
+                    }
+                    let range = first
+                        .checked_add(count)
+                        .filter(|&e| e <= chunks.len() as u64)
+                        .ok_or_else(|| bad(format!("chunks {first}+{count} out of range")))?;
+                    for (k, c) in chunks[first as usize..range as usize].iter().enumerate() {
+                        let len = (size - k as u64 * bs).min(bs);
+                        let blk = c.block.get();
+                        if blk == HOLE {
+                            continue;
+                        }
+                        let b = blocks
+                            .get(blk as usize)
+                            .ok_or_else(|| bad(format!("chunk {k} names missing block {blk}")))?;
+                        if (c.offset.get() as u64).saturating_add(len) > b.raw_len.get() as u64 {
+                            return Err(bad(format!("chunk {k} runs past the end of block {blk}")));
+                        }
+                    }
+                }
+                FileKind::Dir => {
+                    first
+                        .checked_add(count)
+                        .filter(|&e| e <= dirents.len() as u64)
+                        .ok_or_else(|| bad(format!("entries {first}+{count} out of range")))?;
+                    if size != count {
+                        return Err(bad("size differs from the entry count".into()));
+                    }
+                }
+                FileKind::Symlink => {
+                    if count == 0 || size != count {
+                        return Err(bad("bad symlink target length".into()));
+                    }
+                    self.blob_slice(first, count, "symlink target")?;
+                }
+                _ => {
+                    if size != 0 || count != 0 {
+                        return Err(bad("special file with a size".into()));
+                    }
+                }
+            }
+            if kind != FileKind::Dir && node.parent.get() != 0 {
+                return Err(bad("non-directory with a parent".into()));
+            }
+            let (xf, xc) = (node.xattr_first.get(), node.xattr_count.get() as u64);
+            let xend = xf
+                .checked_add(xc)
+                .filter(|&e| e <= xattrs.len() as u64)
+                .ok_or_else(|| bad(format!("xattrs {xf}+{xc} out of range")))?;
+            let mut prev: Option<&[u8]> = None;
+            for x in &xattrs[xf as usize..xend as usize] {
+                let key = self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?;
+                self.blob_slice(x.value_offset.get(), x.value_len.get() as u64, "xattr value")?;
+                if key.is_empty() || key.len() > 255 || key.contains(&0) {
+                    return Err(bad("invalid xattr key".into()));
+                }
+                if x.value_len.get() > 65536 {
+                    return Err(bad("xattr value over 64 KiB".into()));
+                }
+                if prev.is_some_and(|p| p >= key) {
+                    return Err(bad("xattr keys not sorted or repeated".into()));
+                }
+                prev = Some(key);
+            }
+        }
+        // The directory graph: a tree rooted at inode 1, every directory reached exactly once,
+        // its parent field naming the directory that holds it.
+        let root = &inodes[0];
+        if FileKind::from_mode(root.mode.get()) != Some(FileKind::Dir) || root.parent.get() != ROOT_INO
+        {
+            return Err(meta_err("inode 1 is not a root directory", self.inodes.start));
+        }
+        let mut seen = vec![false; inodes.len()];
+        seen[0] = true;
+        let mut stack = vec![ROOT_INO];
+        while let Some(dir) = stack.pop() {
+            let node = &inodes[dir as usize - 1];
+            let (first, count) = (node.first.get() as usize, node.count.get() as usize);
+            let mut prev: Option<&[u8]> = None;
+            for (k, d) in dirents[first..first + count].iter().enumerate() {
+                let at = self.dirents.start + (first + k) * size_of::<Dirent>();
+                let bad = |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
+                let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
+                if name.is_empty()
+                    || name.len() > 255
+                    || name == b"."
+                    || name == b".."
+                    || name.iter().any(|&c| c == b'/' || c == 0)
+                {
+                    return Err(bad("invalid name".into()));
+                }
+                if prev.is_some_and(|p| p >= name) {
+                    return Err(bad("names not sorted or repeated".into()));
+                }
+                prev = Some(name);
+                let child = d.inode.get();
+                let cnode = child
+                    .checked_sub(1)
+                    .and_then(|c| inodes.get(c as usize))
+                    .ok_or_else(|| bad(format!("inode {child} out of range")))?;
+                let ckind = FileKind::from_mode(cnode.mode.get());
+                if ckind.map(|k| k as u8) != Some(d.kind) {
+                    return Err(bad("kind differs from the inode's type".into()));
+                }
+                if ckind == Some(FileKind::Dir) {
+                    let slot = &mut seen[child as usize - 1];
+                    if *slot {
+                        return Err(bad(format!("directory inode {child} reached twice (cycle)")));
+                    }
+                    if cnode.parent.get() != dir {
+                        return Err(bad(format!("directory inode {child} names another parent")));
+                    }
+                    *slot = true;
+                    stack.push(child);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the superblock says.
+    pub fn summary(&self) -> &Summary {
+        &self.sum
+    }
+
+    /// The metadata header (table sizes, logical and deduplicated bytes).
+    pub fn header(&self) -> &MetaHeader {
+        &self.hdr
+    }
+
+    /// The name used for this image in errors.
+    pub fn label(&self) -> &Path {
+        &self.label
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.sum.block_size
+    }
+
+    /// Number of inodes; valid inode numbers are `1..=inode_count()`.
+    pub fn inode_count(&self) -> u32 {
+        self.inode_table().len() as u32
+    }
+
+    /// Number of data blocks.
+    pub fn block_count(&self) -> u32 {
+        self.block_table().len() as u32
+    }
+
+    /// The image config (JSON) if the image carries one.
+    pub fn config(&self) -> Option<&[u8]> {
+        let c = &self.hdr.config;
+        match self.blob_slice(c.offset.get(), c.count.get(), "config") {
+            Ok(b) if !b.is_empty() => Some(b),
+            _ => None,
+        }
+    }
+
+    fn raw_inode(&self, ino: u32) -> Result<&Inode> {
+        ino.checked_sub(1)
+            .and_then(|i| self.inode_table().get(i as usize))
+            .ok_or_else(|| Error::corrupt(format!("inode {ino} does not exist"), 0))
+    }
+
+    /// Attributes of `ino`.
+    pub fn attr(&self, ino: u32) -> Result<Attr> {
+        let n = self.raw_inode(ino)?;
+        let mode = n.mode.get();
+        let kind = FileKind::from_mode(mode)
+            .ok_or_else(|| meta_err(format!("inode {ino} has no type"), self.inode_offset(ino)))?;
+        let rdev = match kind {
+            FileKind::CharDev | FileKind::BlockDev => n.first.get(),
+            _ => 0,
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            mode,
+            uid: n.uid.get(),
+            gid: n.gid.get(),
+            nlink: n.nlink.get(),
+            size: n.size.get(),
+            mtime_sec: n.mtime_sec.get(),
+            mtime_nsec: n.mtime_nsec.get(),
+            rdev,
+        })
+    }
+
+    fn dir_range(&self, dir: u32) -> Result<&[Dirent]> {
+        let n = self.raw_inode(dir)?;
+        if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
+            return Err(Error::WrongType { ino: dir, what: "not a directory" });
+        }
+        let first = n.first.get() as usize;
+        first
+            .checked_add(n.count.get() as usize)
+            .and_then(|e| self.dirent_table().get(first..e))
+            .ok_or_else(|| meta_err(format!("entries of inode {dir}"), self.inode_offset(dir)))
+    }
+
+    fn entry<'a>(&'a self, d: &Dirent) -> Result<DirEntry<'a>> {
+        let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
+        let kind = FileKind::from_u8(d.kind)
+            .ok_or_else(|| meta_err(format!("entry kind {}", d.kind), self.dirents.start))?;
+        Ok(DirEntry { name, ino: d.inode.get(), kind })
+    }
+
+    /// Number of entries of directory `dir`.
+    pub fn dir_len(&self, dir: u32) -> Result<usize> {
+        Ok(self.dir_range(dir)?.len())
+    }
+
+    /// Entry `index` of directory `dir` in name order, or `None` past the end.
+    pub fn dir_entry(&self, dir: u32, index: usize) -> Result<Option<DirEntry<'_>>> {
+        match self.dir_range(dir)?.get(index) {
+            Some(d) => self.entry(d).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// All entries of directory `dir`, in name order.
+    pub fn readdir(&self, dir: u32) -> Result<impl Iterator<Item = Result<DirEntry<'_>>> + '_> {
+        Ok(self.dir_range(dir)?.iter().map(|d| self.entry(d)))
+    }
+
+    /// The inode named `name` in directory `dir` (binary search), if any.
+    pub fn lookup(&self, dir: u32, name: &[u8]) -> Result<Option<u32>> {
+        let ents = self.dir_range(dir)?;
+        let mut err = None;
+        let found = ents.binary_search_by(|d| {
+            match self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name") {
+                Ok(n) => n.cmp(name),
+                Err(e) => {
+                    err = Some(e);
+                    std::cmp::Ordering::Equal
+                }
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(found.ok().map(|i| ents[i].inode.get()))
+    }
+
+    /// Parent directory of directory `dir` (the root's parent is the root).
+    pub fn parent(&self, dir: u32) -> Result<u32> {
+        let n = self.raw_inode(dir)?;
+        if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
+            return Err(Error::WrongType { ino: dir, what: "not a directory" });
+        }
+        Ok(n.parent.get())
+    }
+
+    /// Resolve a `/`-separated path from the root without following symlinks. Empty
+    /// components and `.` are skipped, `..` goes to the parent.
+    pub fn resolve(&self, path: &[u8]) -> Result<u32> {
+        let mut ino = ROOT_INO;
+        for comp in path.split(|&c| c == b'/') {
+            match comp {
+                b"" | b"." => {}
+                b".." => ino = self.parent(ino)?,
+                name => {
+                    ino = match self.lookup(ino, name) {
+                        Ok(Some(i)) => i,
+                        Ok(None) | Err(Error::WrongType { .. }) => {
+                            return Err(Error::NotFound(String::from_utf8_lossy(path).into()));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(ino)
+    }
+
+    /// Target of symlink `ino`.
+    pub fn readlink(&self, ino: u32) -> Result<&[u8]> {
+        let n = self.raw_inode(ino)?;
+        if FileKind::from_mode(n.mode.get()) != Some(FileKind::Symlink) {
+            return Err(Error::WrongType { ino, what: "not a symlink" });
+        }
+        self.blob_slice(n.first.get(), n.count.get() as u64, "symlink target")
+    }
+
+    /// Extended attributes of `ino` as (key, value) pairs sorted by key.
+    pub fn xattrs(&self, ino: u32) -> Result<Vec<(&[u8], &[u8])>> {
+        let n = self.raw_inode(ino)?;
+        let first = n.xattr_first.get() as usize;
+        let xs = first
+            .checked_add(n.xattr_count.get() as usize)
+            .and_then(|e| self.xattr_table().get(first..e))
+            .ok_or_else(|| meta_err(format!("xattrs of inode {ino}"), self.inode_offset(ino)))?;
+        xs.iter()
+            .map(|x| {
+                Ok((
+                    self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?,
+                    self.blob_slice(x.value_offset.get(), x.value_len.get() as u64, "xattr value")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Value of extended attribute `key` of `ino`, if present.
+    pub fn getxattr(&self, ino: u32, key: &[u8]) -> Result<Option<&[u8]>> {
+        Ok(self.xattrs(ino)?.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
+    }
+
+    fn file_chunks(&self, ino: u32) -> Result<(&[Chunk], u64)> {
+        let n = self.raw_inode(ino)?;
+        if FileKind::from_mode(n.mode.get()) != Some(FileKind::File) {
+            return Err(Error::WrongType { ino, what: "not a regular file" });
+        }
+        let first = n.first.get() as usize;
+        let cs = first
+            .checked_add(n.count.get() as usize)
+            .and_then(|e| self.chunk_table().get(first..e))
+            .ok_or_else(|| meta_err(format!("chunks of inode {ino}"), self.inode_offset(ino)))?;
+        Ok((cs, n.size.get()))
+    }
+
+    /// The extents of regular file `ino`, in file order (one per chunk).
+    pub fn extents(&self, ino: u32) -> Result<impl Iterator<Item = Extent> + '_> {
+        let (cs, size) = self.file_chunks(ino)?;
+        let bs = self.sum.block_size as u64;
+        Ok(cs.iter().enumerate().map(move |(k, c)| {
+            let file_offset = k as u64 * bs;
+            Extent {
+                file_offset,
+                len: (size - file_offset).min(bs) as u32,
+                block: (c.block.get() != HOLE).then(|| c.block.get()),
+                block_offset: c.offset.get(),
+            }
+        }))
+    }
+
+    /// The extent holding byte `offset` of file `ino`, if `offset` is inside the file.
+    pub fn extent_at(&self, ino: u32, offset: u64) -> Result<Option<Extent>> {
+        let (cs, size) = self.file_chunks(ino)?;
+        if offset >= size {
+            return Ok(None);
+        }
+        let k = offset >> self.block_log;
+        let Some(c) = cs.get(k as usize) else {
+            return Err(meta_err(format!("inode {ino} lacks chunk {k}"), self.inode_offset(ino)));
+        };
+        let file_offset = k << self.block_log;
+        let bs = self.sum.block_size as u64;
+        Ok(Some(Extent {
+            file_offset,
+            len: (size - file_offset).min(bs) as u32,
+            block: (c.block.get() != HOLE).then(|| c.block.get()),
+            block_offset: c.offset.get(),
+        }))
+    }
+
+    /// Where block `idx` lies: file offset, stored length and decompressed length.
+    pub fn block_info(&self, idx: u32) -> Result<(u64, u32, u32)> {
+        let b = self
+            .block_table()
+            .get(idx as usize)
+            .ok_or_else(|| meta_err(format!("block {idx} does not exist"), self.blocks.start))?;
+        Ok((b.offset.get(), b.stored_len.get(), b.raw_len.get()))
+    }
+
+    /// Read the stored bytes of block `idx` into `buf` (resized) and verify their checksum.
+    pub fn read_stored(&self, idx: u32, buf: &mut Vec<u8>) -> Result<()> {
+        let (off, st, _) = self.block_info(idx)?;
+        buf.resize(st as usize, 0);
+        self.src.read_exact_at(buf, off).map_err(|e| Error::BadBlock {
+            block: idx,
+            offset: off,
+            why: format!("read of {}: {e}", self.label.display()),
+        })?;
+        let sum = self.block_table()[idx as usize].checksum.get();
+        if xxh3_64(buf) != sum {
+            return Err(Error::BadBlock { block: idx, offset: off, why: "checksum mismatch".into() });
+        }
+        Ok(())
+    }
+
+    /// Decode the verified stored bytes of block `idx` into `out`, which must be exactly the
+    /// block's decompressed length.
+    pub fn decode_block(&self, idx: u32, stored: &[u8], out: &mut [u8]) -> Result<()> {
+        let (off, st, raw) = self.block_info(idx)?;
+        let bad = |why: String| Error::BadBlock { block: idx, offset: off, why };
+        if out.len() != raw as usize || stored.len() != st as usize {
+            return Err(bad("buffer sizes differ from the block table".into()));
+        }
+        if st == raw {
+            out.copy_from_slice(stored);
+            return Ok(());
+        }
+        thread_local! {
+            static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+        }
+        DCTX.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(zstd::bulk::Decompressor::new().map_err(|e| bad(format!("zstd: {e}")))?);
+            }
+            let Some(d) = cell.as_mut() else { return Err(bad("zstd context".into())) };
+            match d.decompress_to_buffer(stored, out) {
+                Ok(n) if n == raw as usize => Ok(()),
+                Ok(n) => Err(bad(format!("decompressed to {n} bytes, expected {raw}"))),
+                Err(e) => Err(bad(format!("does not decompress: {e}"))),
+            }
+        })
+    }
+
+    /// Read, verify and decompress block `idx`.
+    pub fn read_block(&self, idx: u32) -> Result<Vec<u8>> {
+        let mut stored = Vec::new();
+        self.read_stored(idx, &mut stored)?;
+        let (_, _, raw) = self.block_info(idx)?;
+        let mut out = vec![0u8; raw as usize];
+        self.decode_block(idx, &stored, &mut out)?;
+        Ok(out)
+    }
+
+    /// Read bytes of regular file `ino` at `offset` into `buf`; returns how many (0 at or past
+    /// the end). Decompresses each block it touches; callers that read many small pieces
+    /// should use a [`BlockCache`] instead.
+    pub fn read_at(&self, ino: u32, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut cache = BlockCache::new(1);
+        cache.read_at(self, ino, offset, buf)
+    }
+
+    /// Read the raw bytes `range` of the image file (for digests and prefetch).
+    pub fn read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.src.read_exact_at(buf, offset).map_err(|e| Error::io(&self.label, e))
+    }
+
+    /// Verify every block and the image digest; returns the indexes of bad blocks with their
+    /// errors. The metadata was verified by `open`.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Vec<Error>> {
+        let mut bad = Vec::new();
+        let mut stored = Vec::new();
+        let mut out = Vec::new();
+        for idx in 0..self.block_count() {
+            let (_, st, raw) = self.block_info(idx)?;
+            out.resize(raw as usize, 0);
+            let r = self.read_stored(idx, &mut stored).and_then(|()| self.decode_block(idx, &stored, &mut out));
+            if let Err(e) = r {
+                bad.push(e);
+            }
+            progress(st as u64);
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = self.sum.data.start;
+        while off < self.sum.image_size {
+            let n = (self.sum.image_size - off).min(buf.len() as u64) as usize;
+            self.read_raw(off, &mut buf[..n])?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        if h.digest128() != self.sum.digest {
+            bad.push(Error::corrupt("image digest mismatch", self.sum.data.start));
+        }
+        Ok(bad)
+    }
+
+    /// Paths of the regular files that use block `idx` (for naming the victims of a bad
+    /// block). Walks the whole tree.
+    pub fn files_using_block(&self, idx: u32) -> Result<Vec<Vec<u8>>> {
+        let mut found = Vec::new();
+        self.walk(|path, e| {
+            if e.kind == FileKind::File && self.extents(e.ino)?.any(|x| x.block == Some(idx)) {
+                found.push(path.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Visit every entry below the root in depth-first name order with its path (no leading
+    /// slash). Directories are visited before their contents.
+    pub fn walk(&self, mut f: impl FnMut(&[u8], &DirEntry<'_>) -> Result<()>) -> Result<()> {
+        let mut stack: Vec<(u32, usize, usize)> = vec![(ROOT_INO, 0, 0)];
+        let mut path: Vec<u8> = Vec::new();
+        while let Some(top) = stack.last_mut() {
+            let (dir, idx, plen) = *top;
+            top.1 += 1;
+            match self.dir_entry(dir, idx)? {
+                None => {
+                    stack.pop();
+                    path.truncate(plen);
+                    if let Some(parent) = stack.last() {
+                        path.truncate(parent.2);
+                    }
+                    continue;
+                }
+                Some(e) => {
+                    path.truncate(plen);
+                    if !path.is_empty() {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(e.name);
+                    f(&path, &e)?;
+                    if e.kind == FileKind::Dir {
+                        stack.push((e.ino, 0, path.len()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A small most-recently-used cache of decompressed blocks for sequential tools (`cat`,
+/// `unpack`): files packed together share tail blocks, so consecutive reads hit.
+#[derive(Debug)]
+pub struct BlockCache {
+    slots: Vec<(u32, Vec<u8>)>,
+    cap: usize,
+    stored: Vec<u8>,
+}
+
+impl BlockCache {
+    /// A cache of `cap` blocks (at least one).
+    pub fn new(cap: usize) -> Self {
+        BlockCache { slots: Vec::new(), cap: cap.max(1), stored: Vec::new() }
+    }
+
+    /// The decompressed block `idx`.
+    pub fn get<R: ReadAt>(&mut self, img: &Image<R>, idx: u32) -> Result<&[u8]> {
+        if let Some(p) = self.slots.iter().position(|(i, _)| *i == idx) {
+            let hit = self.slots.remove(p);
+            self.slots.push(hit);
+        } else {
+            img.read_stored(idx, &mut self.stored)?;
+            let (_, _, raw) = img.block_info(idx)?;
+            let mut buf = if self.slots.len() >= self.cap {
+                self.slots.remove(0).1
+            } else {
+                Vec::new()
+            };
+            buf.resize(raw as usize, 0);
+            img.decode_block(idx, &self.stored, &mut buf)?;
+            self.slots.push((idx, buf));
+        }
+        Ok(self.slots.last().map(|(_, b)| b.as_slice()).unwrap_or(&[]))
+    }
+
+    /// As [`Image::read_at`], through this cache.
+    pub fn read_at<R: ReadAt>(
+        &mut self,
+        img: &Image<R>,
+        ino: u32,
+        mut offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(ext) = img.extent_at(ino, offset)? else { break };
+            let within = (offset - ext.file_offset) as usize;
+            let n = (ext.len as usize - within).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match ext.block {
+                None => dst.fill(0),
+                Some(b) => {
+                    let data = self.get(img, b)?;
+                    let start = ext.block_offset as usize + within;
+                    let src = data.get(start..start + n).ok_or_else(|| Error::BadBlock {
+                        block: b,
+                        offset: 0,
+                        why: format!("extent {start}+{n} outside the block"),
+                    })?;
+                    dst.copy_from_slice(src);
+                }
+            }
+            done += n;
+            offset += n as u64;
+        }
+        Ok(done)
+    }
+}
+
+/// Checksum helpers shared with the writer, so both sides agree by construction.
+pub(crate) fn block_checksum(stored: &[u8]) -> u64 {
+    xxh3_64(stored)
+}
+
+/// Content hash used for deduplication by the writer.
+pub(crate) fn content_hash(data: &[u8]) -> u128 {
+    xxh3_128(data)
+}
+
+/// Serialize a superblock with its checksum filled in.
+pub(crate) fn seal_superblock(sb: &mut Superblock) -> [u8; 128] {
+    let mut bytes = [0u8; 128];
+    bytes.copy_from_slice(sb.as_bytes());
+    sb.checksum.set(xxh3_64(&bytes[..120]));
+    bytes.copy_from_slice(sb.as_bytes());
+    bytes
+}
