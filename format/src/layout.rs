@@ -205,8 +205,11 @@ const _: () = {
     assert!(std::mem::offset_of!(Superblock, checksum) == 120);
 };
 
+/// A record's name, size, and fields as (name, offset, size).
+pub type RecordLayout = (&'static str, usize, Vec<(&'static str, usize, usize)>);
+
 /// Name, size and field offsets of every record, for the test that checks FORMAT.md.
-pub fn records() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usize)>)> {
+pub fn records() -> Vec<RecordLayout> {
     use std::mem::offset_of;
     macro_rules! rec {
         ($t:ty; $($f:ident : $ft:ty),* $(,)?) => {

@@ -70,20 +70,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn corrupt(what: impl Into<String>, offset: u64) -> Self {
-        Error::Corrupt { what: what.into(), offset }
+        Error::Corrupt {
+            what: what.into(),
+            offset,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        Error::Io { path: path.into(), err: source }
+        Error::Io {
+            path: path.into(),
+            err: source,
+        }
     }
 
     /// The errno a filesystem should answer for this error.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { err, .. } => err.raw_os_error().unwrap_or(libc_eio()),
-            Error::NotFound(_) => 2,                            // ENOENT
+            Error::NotFound(_) => 2, // ENOENT
             Error::WrongType { what, .. } if what.contains("directory") => 20, // ENOTDIR
-            Error::WrongType { .. } => 22,                      // EINVAL
+            Error::WrongType { .. } => 22, // EINVAL
             _ => libc_eio(),
         }
     }

@@ -65,7 +65,9 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { max_metadata: 2 << 30 }
+        OpenOptions {
+            max_metadata: 2 << 30,
+        }
     }
 }
 
@@ -171,7 +173,10 @@ pub struct Image<R = File> {
 
 impl<R> std::fmt::Debug for Image<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").field("label", &self.label).field("summary", &self.sum).finish()
+        f.debug_struct("Image")
+            .field("label", &self.label)
+            .field("summary", &self.sum)
+            .finish()
     }
 }
 
@@ -189,12 +194,7 @@ impl Image<File> {
     }
 }
 
-fn table_range<T: zerocopy::KnownLayout>(
-    t: &Table,
-    elem: usize,
-    meta_len: usize,
-    name: &str,
-) -> Result<Range<usize>> {
+fn table_range(t: &Table, elem: usize, meta_len: usize, name: &str) -> Result<Range<usize>> {
     let off = t.offset.get();
     let bytes = t.count.get().checked_mul(elem as u64);
     let end = bytes.and_then(|b| off.checked_add(b));
@@ -246,15 +246,22 @@ impl<R: ReadAt> Image<R> {
         }
         let unknown = sb.incompat.get() & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            return Err(Error::Unsupported(format!("incompatible feature bits {unknown:#x}")));
+            return Err(Error::Unsupported(format!(
+                "incompatible feature bits {unknown:#x}"
+            )));
         }
         if !(MIN_BLOCK_LOG..=MAX_BLOCK_LOG).contains(&sb.block_log) {
-            return Err(Error::corrupt(format!("block_log {} out of range", sb.block_log), 12));
+            return Err(Error::corrupt(
+                format!("block_log {} out of range", sb.block_log),
+                12,
+            ));
         }
         let image_size = sb.image_size.get();
         if image_size != file_size {
             return Err(Error::corrupt(
-                format!("superblock says {image_size} bytes but the file has {file_size}: truncated or altered"),
+                format!(
+                    "superblock says {image_size} bytes but the file has {file_size}: truncated or altered"
+                ),
                 32,
             ));
         }
@@ -263,18 +270,32 @@ impl<R: ReadAt> Image<R> {
                 Some(end) if off >= size_of::<Superblock>() as u64 && end <= image_size => {
                     Ok(off..end)
                 }
-                _ => Err(Error::corrupt(format!("{what} region {off}+{len} outside the file"), at)),
+                _ => Err(Error::corrupt(
+                    format!("{what} region {off}+{len} outside the file"),
+                    at,
+                )),
             }
         };
         let data = region(sb.data_offset.get(), sb.data_len.get(), "data", 40)?;
-        let meta = region(sb.meta_offset.get(), sb.meta_stored_len.get(), "metadata", 56)?;
+        let meta = region(
+            sb.meta_offset.get(),
+            sb.meta_stored_len.get(),
+            "metadata",
+            56,
+        )?;
         if meta.start < data.end {
-            return Err(Error::corrupt("metadata region overlaps the data region", 56));
+            return Err(Error::corrupt(
+                "metadata region overlaps the data region",
+                56,
+            ));
         }
         let raw_len = sb.meta_raw_len.get();
         if raw_len < size_of::<MetaHeader>() as u64 || raw_len > opts.max_metadata {
             return Err(Error::corrupt(
-                format!("metadata length {raw_len} outside 128..={}", opts.max_metadata),
+                format!(
+                    "metadata length {raw_len} outside 128..={}",
+                    opts.max_metadata
+                ),
                 72,
             ));
         }
@@ -298,19 +319,24 @@ impl<R: ReadAt> Image<R> {
                 ));
             }
             Err(e) => {
-                return Err(Error::corrupt(format!("metadata does not decompress: {e}"), meta.start));
+                return Err(Error::corrupt(
+                    format!("metadata does not decompress: {e}"),
+                    meta.start,
+                ));
             }
         }
         drop(stored);
-        let hdr = MetaHeader::read_from_prefix(&raw).map_err(|_| meta_err("short header", 0))?.0;
+        let hdr = MetaHeader::read_from_prefix(&raw)
+            .map_err(|_| meta_err("short header", 0))?
+            .0;
         let n = raw.len();
         let image = Image {
-            inodes: table_range::<Inode>(&hdr.inodes, size_of::<Inode>(), n, "inode")?,
-            dirents: table_range::<Dirent>(&hdr.dirents, size_of::<Dirent>(), n, "dirent")?,
-            chunks: table_range::<Chunk>(&hdr.chunks, size_of::<Chunk>(), n, "chunk")?,
-            blocks: table_range::<Block>(&hdr.blocks, size_of::<Block>(), n, "block")?,
-            xattrs: table_range::<Xattr>(&hdr.xattrs, size_of::<Xattr>(), n, "xattr")?,
-            blob: table_range::<u8>(&hdr.blob, 1, n, "blob")?,
+            inodes: table_range(&hdr.inodes, size_of::<Inode>(), n, "inode")?,
+            dirents: table_range(&hdr.dirents, size_of::<Dirent>(), n, "dirent")?,
+            chunks: table_range(&hdr.chunks, size_of::<Chunk>(), n, "chunk")?,
+            blocks: table_range(&hdr.blocks, size_of::<Block>(), n, "block")?,
+            xattrs: table_range(&hdr.xattrs, size_of::<Xattr>(), n, "xattr")?,
+            blob: table_range(&hdr.blob, 1, n, "blob")?,
             src,
             label,
             block_log: sb.block_log,
@@ -338,7 +364,10 @@ impl<R: ReadAt> Image<R> {
         &self,
         r: &Range<usize>,
     ) -> &[T] {
-        self.meta.get(r.clone()).and_then(|b| <[T]>::ref_from_bytes(b).ok()).unwrap_or(&[])
+        self.meta
+            .get(r.clone())
+            .and_then(|b| <[T]>::ref_from_bytes(b).ok())
+            .unwrap_or(&[])
     }
 
     fn inode_table(&self) -> &[Inode] {
@@ -364,7 +393,12 @@ impl<R: ReadAt> Image<R> {
         off.checked_add(len)
             .filter(|&e| e <= self.blob.len() as u64)
             .and_then(|e| self.blob().get(off as usize..e as usize))
-            .ok_or_else(|| meta_err(format!("{what} {off}+{len} outside the blob"), self.blob.start))
+            .ok_or_else(|| {
+                meta_err(
+                    format!("{what} {off}+{len} outside the blob"),
+                    self.blob.start,
+                )
+            })
     }
 
     fn inode_offset(&self, ino: u32) -> usize {
@@ -380,7 +414,10 @@ impl<R: ReadAt> Image<R> {
         let xattrs = self.xattr_table();
         let bs = self.sum.block_size as u64;
         if inodes.is_empty() || inodes.len() >= u32::MAX as usize {
-            return Err(meta_err(format!("inode count {}", inodes.len()), self.inodes.start));
+            return Err(meta_err(
+                format!("inode count {}", inodes.len()),
+                self.inodes.start,
+            ));
         }
         if blocks.len() >= HOLE as usize {
             return Err(meta_err("too many blocks", self.blocks.start));
@@ -392,11 +429,18 @@ impl<R: ReadAt> Image<R> {
         self.blob_slice(cfg.offset.get(), cfg.count.get(), "config")?;
         for (i, b) in blocks.iter().enumerate() {
             let at = self.blocks.start + i * size_of::<Block>();
-            let (off, st, raw) = (b.offset.get(), b.stored_len.get() as u64, b.raw_len.get() as u64);
+            let (off, st, raw) = (
+                b.offset.get(),
+                b.stored_len.get() as u64,
+                b.raw_len.get() as u64,
+            );
             let inside = off >= self.sum.data.start
                 && off.checked_add(st).is_some_and(|e| e <= self.sum.data.end);
             if !inside || st == 0 || raw == 0 || raw > bs || st > raw {
-                return Err(meta_err(format!("block {i} (offset {off}, {st}/{raw} bytes) invalid"), at));
+                return Err(meta_err(
+                    format!("block {i} (offset {off}, {st}/{raw} bytes) invalid"),
+                    at,
+                ));
             }
         }
         for (i, node) in inodes.iter().enumerate() {
@@ -464,8 +508,13 @@ impl<R: ReadAt> Image<R> {
                 .ok_or_else(|| bad(format!("xattrs {xf}+{xc} out of range")))?;
             let mut prev: Option<&[u8]> = None;
             for x in &xattrs[xf as usize..xend as usize] {
-                let key = self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?;
-                self.blob_slice(x.value_offset.get(), x.value_len.get() as u64, "xattr value")?;
+                let key =
+                    self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?;
+                self.blob_slice(
+                    x.value_offset.get(),
+                    x.value_len.get() as u64,
+                    "xattr value",
+                )?;
                 if key.is_empty() || key.len() > 255 || key.contains(&0) {
                     return Err(bad("invalid xattr key".into()));
                 }
@@ -481,9 +530,13 @@ impl<R: ReadAt> Image<R> {
         // The directory graph: a tree rooted at inode 1, every directory reached exactly once,
         // its parent field naming the directory that holds it.
         let root = &inodes[0];
-        if FileKind::from_mode(root.mode.get()) != Some(FileKind::Dir) || root.parent.get() != ROOT_INO
+        if FileKind::from_mode(root.mode.get()) != Some(FileKind::Dir)
+            || root.parent.get() != ROOT_INO
         {
-            return Err(meta_err("inode 1 is not a root directory", self.inodes.start));
+            return Err(meta_err(
+                "inode 1 is not a root directory",
+                self.inodes.start,
+            ));
         }
         let mut seen = vec![false; inodes.len()];
         seen[0] = true;
@@ -494,7 +547,8 @@ impl<R: ReadAt> Image<R> {
             let mut prev: Option<&[u8]> = None;
             for (k, d) in dirents[first..first + count].iter().enumerate() {
                 let at = self.dirents.start + (first + k) * size_of::<Dirent>();
-                let bad = |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
+                let bad =
+                    |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
                 let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
                 if name.is_empty()
                     || name.len() > 255
@@ -520,7 +574,9 @@ impl<R: ReadAt> Image<R> {
                 if ckind == Some(FileKind::Dir) {
                     let slot = &mut seen[child as usize - 1];
                     if *slot {
-                        return Err(bad(format!("directory inode {child} reached twice (cycle)")));
+                        return Err(bad(format!(
+                            "directory inode {child} reached twice (cycle)"
+                        )));
                     }
                     if cnode.parent.get() != dir {
                         return Err(bad(format!("directory inode {child} names another parent")));
@@ -605,7 +661,10 @@ impl<R: ReadAt> Image<R> {
     fn dir_range(&self, dir: u32) -> Result<&[Dirent]> {
         let n = self.raw_inode(dir)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
-            return Err(Error::WrongType { ino: dir, what: "not a directory" });
+            return Err(Error::WrongType {
+                ino: dir,
+                what: "not a directory",
+            });
         }
         let first = n.first.get() as usize;
         first
@@ -618,7 +677,11 @@ impl<R: ReadAt> Image<R> {
         let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
         let kind = FileKind::from_u8(d.kind)
             .ok_or_else(|| meta_err(format!("entry kind {}", d.kind), self.dirents.start))?;
-        Ok(DirEntry { name, ino: d.inode.get(), kind })
+        Ok(DirEntry {
+            name,
+            ino: d.inode.get(),
+            kind,
+        })
     }
 
     /// Number of entries of directory `dir`.
@@ -662,7 +725,10 @@ impl<R: ReadAt> Image<R> {
     pub fn parent(&self, dir: u32) -> Result<u32> {
         let n = self.raw_inode(dir)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
-            return Err(Error::WrongType { ino: dir, what: "not a directory" });
+            return Err(Error::WrongType {
+                ino: dir,
+                what: "not a directory",
+            });
         }
         Ok(n.parent.get())
     }
@@ -693,7 +759,10 @@ impl<R: ReadAt> Image<R> {
     pub fn readlink(&self, ino: u32) -> Result<&[u8]> {
         let n = self.raw_inode(ino)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Symlink) {
-            return Err(Error::WrongType { ino, what: "not a symlink" });
+            return Err(Error::WrongType {
+                ino,
+                what: "not a symlink",
+            });
         }
         self.blob_slice(n.first.get(), n.count.get() as u64, "symlink target")
     }
@@ -710,7 +779,11 @@ impl<R: ReadAt> Image<R> {
             .map(|x| {
                 Ok((
                     self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?,
-                    self.blob_slice(x.value_offset.get(), x.value_len.get() as u64, "xattr value")?,
+                    self.blob_slice(
+                        x.value_offset.get(),
+                        x.value_len.get() as u64,
+                        "xattr value",
+                    )?,
                 ))
             })
             .collect()
@@ -718,13 +791,20 @@ impl<R: ReadAt> Image<R> {
 
     /// Value of extended attribute `key` of `ino`, if present.
     pub fn getxattr(&self, ino: u32, key: &[u8]) -> Result<Option<&[u8]>> {
-        Ok(self.xattrs(ino)?.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
+        Ok(self
+            .xattrs(ino)?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v))
     }
 
     fn file_chunks(&self, ino: u32) -> Result<(&[Chunk], u64)> {
         let n = self.raw_inode(ino)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::File) {
-            return Err(Error::WrongType { ino, what: "not a regular file" });
+            return Err(Error::WrongType {
+                ino,
+                what: "not a regular file",
+            });
         }
         let first = n.first.get() as usize;
         let cs = first
@@ -757,7 +837,10 @@ impl<R: ReadAt> Image<R> {
         }
         let k = offset >> self.block_log;
         let Some(c) = cs.get(k as usize) else {
-            return Err(meta_err(format!("inode {ino} lacks chunk {k}"), self.inode_offset(ino)));
+            return Err(meta_err(
+                format!("inode {ino} lacks chunk {k}"),
+                self.inode_offset(ino),
+            ));
         };
         let file_offset = k << self.block_log;
         let bs = self.sum.block_size as u64;
@@ -782,14 +865,20 @@ impl<R: ReadAt> Image<R> {
     pub fn read_stored(&self, idx: u32, buf: &mut Vec<u8>) -> Result<()> {
         let (off, st, _) = self.block_info(idx)?;
         buf.resize(st as usize, 0);
-        self.src.read_exact_at(buf, off).map_err(|e| Error::BadBlock {
-            block: idx,
-            offset: off,
-            why: format!("read of {}: {e}", self.label.display()),
-        })?;
+        self.src
+            .read_exact_at(buf, off)
+            .map_err(|e| Error::BadBlock {
+                block: idx,
+                offset: off,
+                why: format!("read of {}: {e}", self.label.display()),
+            })?;
         let sum = self.block_table()[idx as usize].checksum.get();
         if xxh3_64(buf) != sum {
-            return Err(Error::BadBlock { block: idx, offset: off, why: "checksum mismatch".into() });
+            return Err(Error::BadBlock {
+                block: idx,
+                offset: off,
+                why: "checksum mismatch".into(),
+            });
         }
         Ok(())
     }
@@ -798,7 +887,11 @@ impl<R: ReadAt> Image<R> {
     /// block's decompressed length.
     pub fn decode_block(&self, idx: u32, stored: &[u8], out: &mut [u8]) -> Result<()> {
         let (off, st, raw) = self.block_info(idx)?;
-        let bad = |why: String| Error::BadBlock { block: idx, offset: off, why };
+        let bad = |why: String| Error::BadBlock {
+            block: idx,
+            offset: off,
+            why,
+        };
         if out.len() != raw as usize || stored.len() != st as usize {
             return Err(bad("buffer sizes differ from the block table".into()));
         }
@@ -812,9 +905,12 @@ impl<R: ReadAt> Image<R> {
         DCTX.with(|cell| {
             let mut cell = cell.borrow_mut();
             if cell.is_none() {
-                *cell = Some(zstd::bulk::Decompressor::new().map_err(|e| bad(format!("zstd: {e}")))?);
+                *cell =
+                    Some(zstd::bulk::Decompressor::new().map_err(|e| bad(format!("zstd: {e}")))?);
             }
-            let Some(d) = cell.as_mut() else { return Err(bad("zstd context".into())) };
+            let Some(d) = cell.as_mut() else {
+                return Err(bad("zstd context".into()));
+            };
             match d.decompress_to_buffer(stored, out) {
                 Ok(n) if n == raw as usize => Ok(()),
                 Ok(n) => Err(bad(format!("decompressed to {n} bytes, expected {raw}"))),
@@ -843,7 +939,9 @@ impl<R: ReadAt> Image<R> {
 
     /// Read the raw bytes `range` of the image file (for digests and prefetch).
     pub fn read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.src.read_exact_at(buf, offset).map_err(|e| Error::io(&self.label, e))
+        self.src
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&self.label, e))
     }
 
     /// Verify every block and the image digest; returns the indexes of bad blocks with their
@@ -855,7 +953,9 @@ impl<R: ReadAt> Image<R> {
         for idx in 0..self.block_count() {
             let (_, st, raw) = self.block_info(idx)?;
             out.resize(raw as usize, 0);
-            let r = self.read_stored(idx, &mut stored).and_then(|()| self.decode_block(idx, &stored, &mut out));
+            let r = self
+                .read_stored(idx, &mut stored)
+                .and_then(|()| self.decode_block(idx, &stored, &mut out));
             if let Err(e) = r {
                 bad.push(e);
             }
@@ -935,7 +1035,11 @@ pub struct BlockCache {
 impl BlockCache {
     /// A cache of `cap` blocks (at least one).
     pub fn new(cap: usize) -> Self {
-        BlockCache { slots: Vec::new(), cap: cap.max(1), stored: Vec::new() }
+        BlockCache {
+            slots: Vec::new(),
+            cap: cap.max(1),
+            stored: Vec::new(),
+        }
     }
 
     /// The decompressed block `idx`.
@@ -968,7 +1072,9 @@ impl BlockCache {
     ) -> Result<usize> {
         let mut done = 0;
         while done < buf.len() {
-            let Some(ext) = img.extent_at(ino, offset)? else { break };
+            let Some(ext) = img.extent_at(ino, offset)? else {
+                break;
+            };
             let within = (offset - ext.file_offset) as usize;
             let n = (ext.len as usize - within).min(buf.len() - done);
             let dst = &mut buf[done..done + n];

@@ -28,22 +28,37 @@ pub struct UnpackStats {
 }
 
 /// Unpack `img` into `dest`, which must not exist or be an empty directory.
-pub fn unpack<R: ReadAt>(img: &Image<R>, dest: &Path, mut progress: impl FnMut(u64)) -> Result<UnpackStats> {
+pub fn unpack<R: ReadAt>(
+    img: &Image<R>,
+    dest: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<UnpackStats> {
     match fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => {
             let mut rd = fs::read_dir(dest).map_err(|e| Error::io(dest, e))?;
             if rd.next().is_some() {
-                return Err(Error::Invalid(format!("{}: directory is not empty", dest.display())));
+                return Err(Error::Invalid(format!(
+                    "{}: directory is not empty",
+                    dest.display()
+                )));
             }
         }
-        Ok(_) => return Err(Error::Invalid(format!("{}: exists and is not a directory", dest.display()))),
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{}: exists and is not a directory",
+                dest.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir(dest).map_err(|e| Error::io(dest, e))?;
         }
         Err(e) => return Err(Error::io(dest, e)),
     }
     let as_root = nix::unistd::geteuid().is_root();
-    let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let me = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     let mut cache = BlockCache::new(4);
     let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, u32)> = vec![(dest.to_path_buf(), 1)];
@@ -61,7 +76,8 @@ pub fn unpack<R: ReadAt>(img: &Image<R>, dest: &Path, mut progress: impl FnMut(u
         match e.kind {
             FileKind::Dir => {
                 fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).map_err(|err| Error::io(&path, err))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
+                    .map_err(|err| Error::io(&path, err))?;
                 dirs.push((path.clone(), e.ino));
             }
             FileKind::File => {
@@ -76,11 +92,14 @@ pub fn unpack<R: ReadAt>(img: &Image<R>, dest: &Path, mut progress: impl FnMut(u
                 for x in exts {
                     match x.block {
                         None => {
-                            f.seek(SeekFrom::Current(x.len as i64)).map_err(|err| Error::io(&path, err))?;
+                            f.seek(SeekFrom::Current(x.len as i64))
+                                .map_err(|err| Error::io(&path, err))?;
                         }
                         Some(_) => {
                             buf.resize(x.len as usize, 0);
-                            cache.read_at(img, e.ino, x.file_offset, &mut buf).map_err(|err| name_err(rel, err))?;
+                            cache
+                                .read_at(img, e.ino, x.file_offset, &mut buf)
+                                .map_err(|err| name_err(rel, err))?;
                             f.write_all(&buf).map_err(|err| Error::io(&path, err))?;
                             stats.bytes += x.len as u64;
                             progress(x.len as u64);
@@ -90,7 +109,8 @@ pub fn unpack<R: ReadAt>(img: &Image<R>, dest: &Path, mut progress: impl FnMut(u
                 f.set_len(a.size).map_err(|err| Error::io(&path, err))?;
             }
             FileKind::Symlink => {
-                std::os::unix::fs::symlink(os(img.readlink(e.ino)?), &path).map_err(|err| Error::io(&path, err))?;
+                std::os::unix::fs::symlink(os(img.readlink(e.ino)?), &path)
+                    .map_err(|err| Error::io(&path, err))?;
             }
             kind => {
                 let sflag = match kind {
@@ -130,7 +150,13 @@ fn name_err(rel: &[u8], e: Error) -> Error {
 }
 
 /// Owner, xattrs, mode and mtime, in that order (chown clears setuid bits).
-fn finish<R: ReadAt>(path: &Path, img: &Image<R>, ino: u32, as_root: bool, me: (u32, u32)) -> Result<()> {
+fn finish<R: ReadAt>(
+    path: &Path,
+    img: &Image<R>,
+    ino: u32,
+    as_root: bool,
+    me: (u32, u32),
+) -> Result<()> {
     let a = img.attr(ino)?;
     let io = |e: nix::Error| Error::io(path, e.into());
     if as_root || (a.uid, a.gid) == me {
@@ -152,9 +178,17 @@ fn finish<R: ReadAt>(path: &Path, img: &Image<R>, ino: u32, as_root: bool, me: (
         }
     }
     if a.kind != FileKind::Symlink {
-        fs::set_permissions(path, fs::Permissions::from_mode(a.perm())).map_err(|e| Error::io(path, e))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(a.perm()))
+            .map_err(|e| Error::io(path, e))?;
     }
     let t = TimeSpec::new(a.mtime_sec, a.mtime_nsec as i64);
-    utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(io)?;
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(io)?;
     Ok(())
 }

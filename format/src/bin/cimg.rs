@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cimg", version, about = "Build and inspect .cimg container images")]
+#[command(
+    name = "cimg",
+    version,
+    about = "Build and inspect .cimg container images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -41,6 +45,10 @@ enum Cmd {
         /// --record-hot`.
         #[arg(long)]
         hot: Option<PathBuf>,
+        /// Layout of files not on the hot list: `dir` (directory order) or `type` (grouped
+        /// by extension: smaller images, as similar small files share blocks).
+        #[arg(long, default_value = "dir", value_parser = ["dir", "type"])]
+        order: String,
         /// Record every entry as owned by root (0:0).
         #[arg(long)]
         root_owned: bool,
@@ -117,8 +125,10 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_message(what.to_string());
     pb
@@ -141,7 +151,17 @@ fn open(img: &PathBuf) -> Result<Image> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Pack { src, out, block_size, level, threads, hot, root_owned, quiet } => {
+        Cmd::Pack {
+            src,
+            out,
+            block_size,
+            level,
+            threads,
+            hot,
+            order,
+            root_owned,
+            quiet,
+        } => {
             if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
                 bail!("pack: block size {block_size} is not a power of two from 4K to 1M");
             }
@@ -149,13 +169,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 block_log: block_size.trailing_zeros() as u8,
                 level,
                 root_owned,
+                order: if order == "type" {
+                    writer::Order::Type
+                } else {
+                    writer::Order::Dir
+                },
                 ..PackOptions::default()
             };
             if let Some(t) = threads {
                 opts.threads = t.max(1);
             }
             if let Some(h) = &hot {
-                let text = std::fs::read(h).with_context(|| format!("pack: read hot list {}", h.display()))?;
+                let text = std::fs::read(h)
+                    .with_context(|| format!("pack: read hot list {}", h.display()))?;
                 opts.hot = writer::parse_hot_list(&text);
             }
             let ctx = || format!("pack {}", src.display());
@@ -192,7 +218,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("unpack {} into {}", img.display(), dir.display()))?;
             pb.finish_and_clear();
         }
-        Cmd::Ls { img, path, long, recursive } => {
+        Cmd::Ls {
+            img,
+            path,
+            long,
+            recursive,
+        } => {
             let image = open(&img)?;
             let ctx = || format!("ls {}", path);
             let ino = image.resolve(path.as_bytes()).with_context(ctx)?;
@@ -239,7 +270,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut stdout = std::io::stdout().lock();
             let mut off = 0;
             while off < a.size {
-                let n = cache.read_at(&image, ino, off, &mut buf).with_context(ctx)?;
+                let n = cache
+                    .read_at(&image, ino, off, &mut buf)
+                    .with_context(ctx)?;
                 if n == 0 {
                     break;
                 }
@@ -259,8 +292,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Verify { img, quiet } => {
             let image = open(&img)?;
-            let pb = bar(quiet, image.summary().data.end - image.summary().data.start, "verifying");
-            let bad = image.verify(|n| pb.inc(n)).with_context(|| format!("verify {}", img.display()))?;
+            let pb = bar(
+                quiet,
+                image.summary().data.end - image.summary().data.start,
+                "verifying",
+            );
+            let bad = image
+                .verify(|n| pb.inc(n))
+                .with_context(|| format!("verify {}", img.display()))?;
             pb.finish_and_clear();
             if bad.is_empty() {
                 if !quiet {
@@ -282,10 +321,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             .collect::<Vec<_>>(),
                         _ => Vec::new(),
                     };
-                    let users = if users.is_empty() { String::new() } else { format!(" (used by {})", users.join(", ")) };
+                    let users = if users.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (used by {})", users.join(", "))
+                    };
                     eprintln!("cimg: verify {}: {e}{users}", img.display());
                 }
-                eprintln!("cimg: verify {}: {} problem(s) found", img.display(), bad.len());
+                eprintln!(
+                    "cimg: verify {}: {} problem(s) found",
+                    img.display(),
+                    bad.len()
+                );
                 return Ok(ExitCode::from(1));
             }
         }
@@ -294,7 +341,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 fn print_entry(out: &mut impl Write, img: &Image, name: &[u8], ino: u32, long: bool) -> Result<()> {
@@ -306,7 +354,11 @@ fn print_entry(out: &mut impl Write, img: &Image, name: &[u8], ino: u32, long: b
     let a = img.attr(ino)?;
     let size = match a.kind {
         FileKind::CharDev | FileKind::BlockDev => {
-            format!("{}, {}", nix::sys::stat::major(a.rdev), nix::sys::stat::minor(a.rdev))
+            format!(
+                "{}, {}",
+                nix::sys::stat::major(a.rdev),
+                nix::sys::stat::minor(a.rdev)
+            )
         }
         _ => a.size.to_string(),
     };
@@ -361,7 +413,11 @@ fn date(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 fn human(n: u64) -> String {
@@ -372,7 +428,11 @@ fn human(n: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
 
 fn info(img: &Image, json: bool) -> Result<()> {
@@ -397,7 +457,8 @@ fn info(img: &Image, json: bool) -> Result<()> {
     }
     let logical = h.logical_bytes.get();
     let ratio = logical as f64 / s.image_size.max(1) as f64;
-    let config: Option<serde_json::Value> = img.config().and_then(|c| serde_json::from_slice(c).ok());
+    let config: Option<serde_json::Value> =
+        img.config().and_then(|c| serde_json::from_slice(c).ok());
     if json {
         let v = serde_json::json!({
             "version": format!("{}.{}", s.version.0, s.version.1),
@@ -424,15 +485,27 @@ fn info(img: &Image, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("format version   {}.{}", s.version.0, s.version.1);
-    println!("image size       {} ({} bytes)", human(s.image_size), s.image_size);
+    println!(
+        "image size       {} ({} bytes)",
+        human(s.image_size),
+        s.image_size
+    );
     println!("  data           {}", human(s.data.end - s.data.start));
-    println!("  metadata       {} ({} decompressed)", human(s.meta.end - s.meta.start), human(s.meta_raw_len));
+    println!(
+        "  metadata       {} ({} decompressed)",
+        human(s.meta.end - s.meta.start),
+        human(s.meta_raw_len)
+    );
     println!("content          {} ({} bytes)", human(logical), logical);
     println!("ratio            {ratio:.2}");
     println!("dedup saved      {}", human(h.dedup_bytes.get()));
     println!("block size       {}", human(s.block_size as u64));
     println!("zstd level       {}", s.level);
-    println!("blocks           {} ({} hot)", img.block_count(), s.hot_blocks);
+    println!(
+        "blocks           {} ({} hot)",
+        img.block_count(),
+        s.hot_blocks
+    );
     println!("inodes           {}", img.inode_count());
     for (k, v) in &counts {
         println!("  {k:<14} {v}");

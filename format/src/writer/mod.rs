@@ -48,6 +48,19 @@ pub struct PackOptions {
     pub root_owned: bool,
     /// Image config (JSON) to store, if any.
     pub config: Option<Vec<u8>>,
+    /// How files after the hot list are ordered.
+    pub order: Order,
+}
+
+/// Data layout order of the files that are not on the hot list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Directory order: depth-first, names sorted. Files of one directory share blocks.
+    #[default]
+    Dir,
+    /// Grouped by file name extension, then name: similar small files share fragment blocks,
+    /// which compress better. Start-up locality then comes from the hot list.
+    Type,
 }
 
 impl Default for PackOptions {
@@ -55,10 +68,13 @@ impl Default for PackOptions {
         PackOptions {
             block_log: 17,
             level: 3,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             hot: Vec::new(),
             root_owned: false,
             config: None,
+            order: Order::default(),
         }
     }
 }
@@ -95,7 +111,12 @@ pub fn parse_hot_list(text: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Pack directory `src` into the image file `out`.
-pub fn pack_dir(src: &Path, out: &Path, opts: &PackOptions, progress: Progress) -> Result<PackStats> {
+pub fn pack_dir(
+    src: &Path,
+    out: &Path,
+    opts: &PackOptions,
+    progress: Progress,
+) -> Result<PackStats> {
     let tree = scan_dir(src, |_| {})?;
     pack_tree(&tree, out, opts, progress)
 }
@@ -111,22 +132,44 @@ enum PChunk {
 /// Work for stage 1.
 enum Item {
     /// Chunk `chunk` of data-order file `file`; `len` bytes; `hole` when known to be a hole.
-    Piece { file: u32, chunk: u32, len: u32, hole: bool },
+    Piece {
+        file: u32,
+        chunk: u32,
+        len: u32,
+        hole: bool,
+    },
     /// End of the hot files.
     HotEnd,
 }
 
 /// Result of stage 1.
 enum Piece {
-    Full { file: u32, chunk: u32, hash: u128, len: u32, stored: Option<Vec<u8>> },
-    Tail { file: u32, chunk: u32, hash: u128, data: Vec<u8> },
-    Hole { file: u32, chunk: u32, len: u32 },
+    Full {
+        file: u32,
+        chunk: u32,
+        hash: u128,
+        len: u32,
+        stored: Option<Vec<u8>>,
+    },
+    Tail {
+        file: u32,
+        chunk: u32,
+        hash: u128,
+        data: Vec<u8>,
+    },
+    Hole {
+        file: u32,
+        chunk: u32,
+        len: u32,
+    },
     HotEnd,
 }
 
 fn piece_out_of_order(st: &SeqState, p: &Piece) -> bool {
     match *p {
-        Piece::Full { file, chunk, .. } | Piece::Tail { file, chunk, .. } | Piece::Hole { file, chunk, .. } => {
+        Piece::Full { file, chunk, .. }
+        | Piece::Tail { file, chunk, .. }
+        | Piece::Hole { file, chunk, .. } => {
             st.chunks.get(file as usize).map(|c| c.len()) != Some(chunk as usize)
         }
         Piece::HotEnd => false,
@@ -144,7 +187,11 @@ fn compress(ctx: &mut zstd::bulk::Compressor<'_>, data: &[u8]) -> Result<Vec<u8>
     let c = ctx
         .compress(data)
         .map_err(|e| Error::Invalid(format!("zstd compression failed: {e}")))?;
-    Ok(if c.len() < data.len() { c } else { data.to_vec() })
+    Ok(if c.len() < data.len() {
+        c
+    } else {
+        data.to_vec()
+    })
 }
 
 fn compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
@@ -166,7 +213,7 @@ struct SeqState {
 }
 
 /// Data files in layout order: hot files first, then directory order.
-fn data_order(tree: &Tree, hot: &[Vec<u8>]) -> (Vec<NodeId>, usize, u64) {
+fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usize, u64) {
     let mut placed = vec![false; tree.nodes.len()];
     let mut order = Vec::new();
     let mut missing = 0;
@@ -189,6 +236,18 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>]) -> (Vec<NodeId>, usize, u64) {
             placed[id as usize] = true;
             order.push(id);
         }
+    }
+    if by_type {
+        let key = |id: NodeId| {
+            let name = &tree.node(id).name;
+            let ext = name
+                .iter()
+                .rposition(|&c| c == b'.')
+                .map(|p| &name[p..])
+                .unwrap_or(b"");
+            (ext.to_vec(), name.clone())
+        };
+        order[hot_len..].sort_by_cached_key(|&id| key(id));
     }
     (order, hot_len, missing)
 }
@@ -231,14 +290,24 @@ fn file_items(tree: &Tree, order_idx: u32, id: NodeId, bs: u64) -> Result<Vec<It
         let hole = ranges
             .as_ref()
             .is_some_and(|r| !r.iter().any(|&(a, b)| a < start + len && b > start));
-        items.push(Item::Piece { file: order_idx, chunk: k as u32, len: len as u32, hole });
+        items.push(Item::Piece {
+            file: order_idx,
+            chunk: k as u32,
+            len: len as u32,
+            hole,
+        });
     }
     Ok(items)
 }
 
 /// Pack `tree` into the image file `out`. The file is written under a temporary name beside
 /// `out` and renamed when complete; on error nothing is left behind.
-pub fn pack_tree(tree: &Tree, out: &Path, opts: &PackOptions, progress: Progress) -> Result<PackStats> {
+pub fn pack_tree(
+    tree: &Tree,
+    out: &Path,
+    opts: &PackOptions,
+    progress: Progress,
+) -> Result<PackStats> {
     if !(layout::MIN_BLOCK_LOG..=layout::MAX_BLOCK_LOG).contains(&opts.block_log) {
         return Err(Error::Invalid(format!(
             "block size must be a power of two from 4 KiB to 1 MiB, not 2^{}",
@@ -254,12 +323,21 @@ pub fn pack_tree(tree: &Tree, out: &Path, opts: &PackOptions, progress: Progress
             range.end()
         )));
     }
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let fname = out.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file name", out.display())))?;
+    tree.check()?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fname = out
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", out.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(fname);
     tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = TempOut { path: dir.join(tmp_name), keep: false };
+    let tmp = TempOut {
+        path: dir.join(tmp_name),
+        keep: false,
+    };
     let file = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
     let stats = write_image(tree, &file, &tmp.path, opts, progress)?;
     drop(file);
@@ -292,11 +370,14 @@ fn write_image(
 ) -> Result<PackStats> {
     let bs = 1u64 << opts.block_log;
     let threads = opts.threads.max(1);
-    let (order, hot_len, hot_missing) = data_order(tree, &opts.hot);
+    let (order, hot_len, hot_missing) = data_order(tree, &opts.hot, opts.order == Order::Type);
     let total: u64 = order.iter().map(|&id| tree.node(id).size).sum();
     let seen: RwLock<HashMap<u128, u32>> = RwLock::new(HashMap::new());
     let state = Mutex::new(SeqState {
-        chunks: order.iter().map(|&id| Vec::with_capacity(tree.node(id).size.div_ceil(bs) as usize)).collect(),
+        chunks: order
+            .iter()
+            .map(|&id| Vec::with_capacity(tree.node(id).size.div_ceil(bs) as usize))
+            .collect(),
         frag_block: Vec::new(),
         next_block: 0,
         hot_blocks: 0,
@@ -330,19 +411,30 @@ fn write_image(
             move |item: Result<Item>| -> Result<Piece> {
                 let (file, chunk, len, hole) = match item? {
                     Item::HotEnd => return Ok(Piece::HotEnd),
-                    Item::Piece { file, chunk, len, hole } => (file, chunk, len, hole),
+                    Item::Piece {
+                        file,
+                        chunk,
+                        len,
+                        hole,
+                    } => (file, chunk, len, hole),
                 };
                 if hole {
                     return Ok(Piece::Hole { file, chunk, len });
                 }
                 let node = tree.node(order[file as usize]);
                 let src = node.source.as_deref().ok_or_else(|| {
-                    Error::Invalid(format!("{}: no data source", String::from_utf8_lossy(&tree.path_of(order[file as usize]))))
+                    Error::Invalid(format!(
+                        "{}: no data source",
+                        String::from_utf8_lossy(&tree.path_of(order[file as usize]))
+                    ))
                 })?;
                 if open.as_ref().map(|o| o.0) != Some(file) {
                     open = Some((file, File::open(src).map_err(|e| Error::io(src, e))?));
                 }
-                let f = &open.as_ref().map(|o| &o.1).ok_or_else(|| Error::Invalid("no file".into()))?;
+                let f = &open
+                    .as_ref()
+                    .map(|o| &o.1)
+                    .ok_or_else(|| Error::Invalid("no file".into()))?;
                 let mut data = vec![0u8; len as usize];
                 f.read_exact_at(&mut data, chunk as u64 * bs).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -356,16 +448,30 @@ fn write_image(
                 }
                 let hash = content_hash(&data);
                 if (len as u64) < bs {
-                    return Ok(Piece::Tail { file, chunk, hash, data });
+                    return Ok(Piece::Tail {
+                        file,
+                        chunk,
+                        hash,
+                        data,
+                    });
                 }
-                let known = seen_ref.read().map(|m| m.contains_key(&hash)).unwrap_or(false);
+                let known = seen_ref
+                    .read()
+                    .map(|m| m.contains_key(&hash))
+                    .unwrap_or(false);
                 let stored = if known {
                     None
                 } else {
                     let ctx = ctx.as_mut().map_err(|e| Error::Invalid(e.to_string()))?;
                     Some(compress(ctx, &data)?)
                 };
-                Ok(Piece::Full { file, chunk, hash, len, stored })
+                Ok(Piece::Full {
+                    file,
+                    chunk,
+                    hash,
+                    len,
+                    stored,
+                })
             }
         });
 
@@ -388,14 +494,18 @@ fn write_image(
                     return None;
                 }
                 let mut st = state_ref.lock().ok()?;
-                let flush = |st: &mut SeqState, frag: &mut Vec<u8>, frag_no: &mut u32, pending: &mut std::collections::VecDeque<Out>| {
-                    if !frag.is_empty() {
-                        st.frag_block.push(st.next_block);
-                        st.next_block += 1;
-                        *frag_no += 1;
-                        pending.push_back(Out::Frag(std::mem::take(frag)));
-                    }
-                };
+                let flush =
+                    |st: &mut SeqState,
+                     frag: &mut Vec<u8>,
+                     frag_no: &mut u32,
+                     pending: &mut std::collections::VecDeque<Out>| {
+                        if !frag.is_empty() {
+                            st.frag_block.push(st.next_block);
+                            st.next_block += 1;
+                            *frag_no += 1;
+                            pending.push_back(Out::Frag(std::mem::take(frag)));
+                        }
+                    };
                 match stage1.next() {
                     None => {
                         flush(&mut st, &mut frag, &mut frag_no, &mut pending);
@@ -413,11 +523,21 @@ fn write_image(
                         st.error = Some(Error::Invalid("internal: chunks out of order".into()));
                         return None;
                     }
-                    Some(Ok(Piece::Hole { file, chunk: _, len })) => {
+                    Some(Ok(Piece::Hole {
+                        file,
+                        chunk: _,
+                        len,
+                    })) => {
                         st.chunks[file as usize].push(PChunk::Hole);
                         done += len as u64;
                     }
-                    Some(Ok(Piece::Full { file, chunk: _, hash, len, stored })) => {
+                    Some(Ok(Piece::Full {
+                        file,
+                        chunk: _,
+                        hash,
+                        len,
+                        stored,
+                    })) => {
                         done += len as u64;
                         let existing = seen_ref.read().ok().and_then(|m| m.get(&hash).copied());
                         let c = match (existing, stored) {
@@ -429,7 +549,9 @@ fn write_image(
                                 let stored = match stored {
                                     Some(s) => s,
                                     None => {
-                                        st.error = Some(Error::Invalid("internal: block skipped without a copy".into()));
+                                        st.error = Some(Error::Invalid(
+                                            "internal: block skipped without a copy".into(),
+                                        ));
                                         return None;
                                     }
                                 };
@@ -438,13 +560,21 @@ fn write_image(
                                 if let Ok(mut m) = seen_ref.write() {
                                     m.insert(hash, b);
                                 }
-                                pending.push_back(Out::Ready { stored, raw_len: len });
+                                pending.push_back(Out::Ready {
+                                    stored,
+                                    raw_len: len,
+                                });
                                 PChunk::Block(b)
                             }
                         };
                         st.chunks[file as usize].push(c);
                     }
-                    Some(Ok(Piece::Tail { file, chunk: _, hash, data })) => {
+                    Some(Ok(Piece::Tail {
+                        file,
+                        chunk: _,
+                        hash,
+                        data,
+                    })) => {
                         let len = data.len() as u32;
                         done += len as u64;
                         let c = match tails.get(&(hash, len)) {
@@ -496,7 +626,9 @@ fn write_image(
         }
         Ok(())
     });
-    let mut st = state.into_inner().map_err(|_| Error::Invalid("internal: sequencer panicked".into()))?;
+    let mut st = state
+        .into_inner()
+        .map_err(|_| Error::Invalid("internal: sequencer panicked".into()))?;
     if let Some(e) = st.error.take() {
         return Err(e);
     }
@@ -580,7 +712,10 @@ fn build_metadata(
             let n = tree.node(c);
             let primary = n.link.unwrap_or(c);
             if ino_of[primary as usize] == 0 {
-                let ino = u32::try_from(by_ino.len() + 1).ok().filter(|&i| i < u32::MAX).ok_or_else(|| too_many("inodes"))?;
+                let ino = u32::try_from(by_ino.len() + 1)
+                    .ok()
+                    .filter(|&i| i < u32::MAX)
+                    .ok_or_else(|| too_many("inodes"))?;
                 ino_of[primary as usize] = ino;
                 by_ino.push(primary);
                 nlink.push(if n.kind == FileKind::Dir { 2 } else { 0 });
@@ -594,7 +729,8 @@ fn build_metadata(
             }
         }
     }
-    let file_pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let file_pos: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let mut blob: Vec<u8> = Vec::new();
     let mut put = |bytes: &[u8]| -> u64 {
         let off = blob.len() as u64;
@@ -612,7 +748,10 @@ fn build_metadata(
             PChunk::Frag(f, off) => (st.frag_block.get(f as usize).copied().unwrap_or(HOLE), off),
             PChunk::Hole => (HOLE, 0),
         };
-        Chunk { block: U32::new(block), offset: U32::new(offset) }
+        Chunk {
+            block: U32::new(block),
+            offset: U32::new(offset),
+        }
     };
     for (i, &id) in by_ino.iter().enumerate() {
         let n = tree.node(id);
@@ -620,7 +759,10 @@ fn build_metadata(
         match n.kind {
             FileKind::File => {
                 size = n.size;
-                let pcs: &[PChunk] = file_pos.get(&id).map(|&p| st.chunks[p].as_slice()).unwrap_or(&[]);
+                let pcs: &[PChunk] = file_pos
+                    .get(&id)
+                    .map(|&p| st.chunks[p].as_slice())
+                    .unwrap_or(&[]);
                 count = u32::try_from(pcs.len()).map_err(|_| too_many("chunks in one file"))?;
                 first = match shared.get(pcs) {
                     Some(&f) => f,
@@ -634,14 +776,21 @@ fn build_metadata(
             }
             FileKind::Dir => {
                 first = dirents.len() as u64;
-                count = u32::try_from(n.children.len()).map_err(|_| too_many("entries in one directory"))?;
+                count = u32::try_from(n.children.len())
+                    .map_err(|_| too_many("entries in one directory"))?;
                 size = count as u64;
                 for &c in &n.children {
                     let cn = tree.node(c);
                     let primary = cn.link.unwrap_or(c);
-                    let name_len = u16::try_from(cn.name.len()).ok().filter(|&l| (1..=255).contains(&l)).ok_or_else(|| {
-                        Error::Invalid(format!("{}: name longer than 255 bytes", String::from_utf8_lossy(&tree.path_of(c))))
-                    })?;
+                    let name_len = u16::try_from(cn.name.len())
+                        .ok()
+                        .filter(|&l| (1..=255).contains(&l))
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "{}: name longer than 255 bytes",
+                                String::from_utf8_lossy(&tree.path_of(c))
+                            ))
+                        })?;
                     dirents.push(Dirent {
                         name_offset: U64::new(put(&cn.name)),
                         inode: U32::new(ino_of[primary as usize]),
@@ -675,8 +824,16 @@ fn build_metadata(
                 value_len: U32::new(v.len() as u32),
             });
         }
-        let parent = if n.kind == FileKind::Dir { ino_of[n.parent as usize] } else { 0 };
-        let (uid, gid) = if opts.root_owned { (0, 0) } else { (n.uid, n.gid) };
+        let parent = if n.kind == FileKind::Dir {
+            ino_of[n.parent as usize]
+        } else {
+            0
+        };
+        let (uid, gid) = if opts.root_owned {
+            (0, 0)
+        } else {
+            (n.uid, n.gid)
+        };
         inodes.push(Inode {
             mode: U32::new(n.kind.mode_bits() | (n.perm & 0o7777)),
             uid: U32::new(uid),
@@ -693,15 +850,21 @@ fn build_metadata(
         });
     }
     let config = match &opts.config {
-        Some(c) => Table { offset: U64::new(put(c)), count: U64::new(c.len() as u64) },
+        Some(c) => Table {
+            offset: U64::new(put(c)),
+            count: U64::new(c.len() as u64),
+        },
         None => Table::default(),
     };
     let mut bytes = vec![0u8; size_of::<MetaHeader>()];
     let mut place = |data: &[u8], count: usize| -> Table {
-        while bytes.len() % 8 != 0 {
+        while !bytes.len().is_multiple_of(8) {
             bytes.push(0);
         }
-        let t = Table { offset: U64::new(bytes.len() as u64), count: U64::new(count as u64) };
+        let t = Table {
+            offset: U64::new(bytes.len() as u64),
+            count: U64::new(count as u64),
+        };
         bytes.extend_from_slice(data);
         t
     };
@@ -717,5 +880,8 @@ fn build_metadata(
         dedup_bytes: U64::new(st.dedup_bytes),
     };
     bytes[..size_of::<MetaHeader>()].copy_from_slice(hdr.as_bytes());
-    Ok(Meta { bytes, inodes: inodes.len() as u64 })
+    Ok(Meta {
+        bytes,
+        inodes: inodes.len() as u64,
+    })
 }

@@ -75,7 +75,12 @@ where
             }
         });
     }
-    Ordered { results: res_rx, credits: credit_tx, pending: BTreeMap::new(), next: 0 }
+    Ordered {
+        results: res_rx,
+        credits: credit_tx,
+        pending: BTreeMap::new(),
+        next: 0,
+    }
 }
 
 #[cfg(test)]
@@ -88,7 +93,7 @@ mod tests {
             let out: Vec<u64> = std::thread::scope(|s| {
                 ordered_map(s, 0..1000u64, threads, 8, || {
                     |x: u64| {
-                        if x % 13 == 0 {
+                        if x.is_multiple_of(13) {
                             std::thread::sleep(std::time::Duration::from_micros(200));
                         }
                         x * 2
@@ -102,9 +107,8 @@ mod tests {
 
     #[test]
     fn stops_when_consumer_drops() {
-        let taken: Vec<u64> = std::thread::scope(|s| {
-            ordered_map(s, 0.., 2, 4, || |x: u64| x).take(10).collect()
-        });
+        let taken: Vec<u64> =
+            std::thread::scope(|s| ordered_map(s, 0.., 2, 4, || |x: u64| x).take(10).collect());
         assert_eq!(taken, (0..10).collect::<Vec<_>>());
     }
 }

@@ -103,7 +103,10 @@ impl Tree {
     /// Find a node by `/`-separated path from the root (no symlinks followed).
     pub fn find(&self, path: &[u8]) -> Option<NodeId> {
         let mut id = 0;
-        for comp in path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             let n = self.node(id);
             let pos = n
                 .children
@@ -112,6 +115,74 @@ impl Tree {
             id = n.children[pos];
         }
         Some(id)
+    }
+
+    /// Check what the format requires of a tree, so an importer's mistake is an error here
+    /// and not an image the reader refuses: valid unique sorted names, one parent per
+    /// directory, hard links to non-directories, sorted xattr keys, non-empty symlinks.
+    pub fn check(&self) -> Result<()> {
+        let bad = |id: NodeId, why: &str| {
+            Error::Invalid(format!(
+                "{}: {why}",
+                String::from_utf8_lossy(&self.path_of(id))
+            ))
+        };
+        let root = self
+            .nodes
+            .first()
+            .ok_or_else(|| Error::Invalid("empty tree".into()))?;
+        if root.kind != FileKind::Dir {
+            return Err(Error::Invalid("the root is not a directory".into()));
+        }
+        let mut seen = vec![false; self.nodes.len()];
+        seen[0] = true;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let id = i as NodeId;
+            if n.kind == FileKind::Symlink && n.target.is_empty() && n.link.is_none() {
+                return Err(bad(id, "empty symlink target"));
+            }
+            if n.xattrs.windows(2).any(|w| w[0].0 >= w[1].0)
+                || n.xattrs.iter().any(|(k, _)| k.is_empty() || k.contains(&0))
+            {
+                return Err(bad(id, "xattr keys empty, repeated or unsorted"));
+            }
+            if let Some(l) = n.link {
+                let t = self
+                    .nodes
+                    .get(l as usize)
+                    .ok_or_else(|| bad(id, "hard link to nothing"))?;
+                if t.kind == FileKind::Dir || t.link.is_some() || n.kind == FileKind::Dir {
+                    return Err(bad(id, "hard link to a directory or to another link"));
+                }
+            }
+            if n.kind != FileKind::Dir && !n.children.is_empty() {
+                return Err(bad(id, "entries under a non-directory"));
+            }
+            let mut prev: Option<&[u8]> = None;
+            for &c in &n.children {
+                let cn = self
+                    .nodes
+                    .get(c as usize)
+                    .ok_or_else(|| bad(id, "child out of range"))?;
+                let name = cn.name.as_slice();
+                if name.is_empty()
+                    || name.len() > 255
+                    || name == b"."
+                    || name == b".."
+                    || name.iter().any(|&b| b == b'/' || b == 0)
+                {
+                    return Err(bad(c, "invalid name"));
+                }
+                if prev.is_some_and(|p| p >= name) {
+                    return Err(bad(id, "entries repeated or not sorted"));
+                }
+                prev = Some(name);
+                if cn.parent != id || std::mem::replace(&mut seen[c as usize], true) {
+                    return Err(bad(c, "entry with two parents"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Directory-order (depth-first, names sorted) list of all nodes, root first.
@@ -176,7 +247,10 @@ fn node_from_meta(
     } else if ft.is_socket() {
         FileKind::Socket
     } else {
-        return Err(Error::Invalid(format!("{}: unknown file type", path.display())));
+        return Err(Error::Invalid(format!(
+            "{}: unknown file type",
+            path.display()
+        )));
     };
     let mut n = Node::new(name, parent, kind, md.mode() & 0o7777);
     n.uid = md.uid();
@@ -196,7 +270,10 @@ fn node_from_meta(
                 .into_os_string()
                 .into_vec();
             if n.target.is_empty() {
-                return Err(Error::Invalid(format!("{}: empty symlink target", path.display())));
+                return Err(Error::Invalid(format!(
+                    "{}: empty symlink target",
+                    path.display()
+                )));
             }
         }
         FileKind::CharDev | FileKind::BlockDev => n.rdev = md.rdev(),
@@ -212,12 +289,20 @@ use std::os::unix::ffi::OsStringExt;
 pub fn scan_dir(root: &Path, mut progress: impl FnMut(ScanCount)) -> Result<Tree> {
     let md = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     if !md.is_dir() {
-        return Err(Error::Invalid(format!("{}: not a directory", root.display())));
+        return Err(Error::Invalid(format!(
+            "{}: not a directory",
+            root.display()
+        )));
     }
     let root_node = node_from_meta(Vec::new(), 0, root, &md)?;
-    let mut tree = Tree { nodes: vec![root_node] };
+    let mut tree = Tree {
+        nodes: vec![root_node],
+    };
     let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
-    let mut count = ScanCount { entries: 1, bytes: 0 };
+    let mut count = ScanCount {
+        entries: 1,
+        bytes: 0,
+    };
     let mut stack: Vec<(NodeId, PathBuf)> = vec![(0, root.to_path_buf())];
     while let Some((dir, dpath)) = stack.pop() {
         let rd = std::fs::read_dir(&dpath).map_err(|e| Error::io(&dpath, e))?;
@@ -253,7 +338,7 @@ pub fn scan_dir(root: &Path, mut progress: impl FnMut(ScanCount)) -> Result<Tree
             tree.nodes.push(node);
             children.push(id);
             count.entries += 1;
-            if count.entries % 4096 == 0 {
+            if count.entries.is_multiple_of(4096) {
                 progress(count);
             }
         }
