@@ -1,2 +1,396 @@
 //! cimg-benches: benchmarks of cimg against its peers (mksquashfs, squashfuse, kernel squashfs,
 //! Charliecloud), and helpers shared by the benchmark binaries.
+//!
+//! The binaries are `pack-bench` (cimg pack vs mksquashfs: time, size, peak memory) and
+//! `pack-mem` (peak memory of `cimg pack` on a synthetic ~1 GB tree). See `README.md`.
+//!
+//! # Measuring a child
+//!
+//! [`measure`] reports the wall time, CPU time and peak resident set size of one command. The
+//! peak RSS comes from `getrusage(RUSAGE_CHILDREN)`, which is a maximum over *all* children a
+//! process ever waited for, so it cannot tell two successive commands apart. `measure` therefore
+//! re-executes the current binary as a tiny shim (selected by an environment variable) that runs
+//! exactly one command, waits for it and reports its usage. Every binary that calls [`measure`]
+//! must call [`init`] first thing in `main`.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::ffi::{OsStr, OsString};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Environment variable that turns a benchmark binary into the measuring shim; its value is the
+/// file the shim writes its report to.
+const SHIM_ENV: &str = "CIMG_BENCH_MEASURE_REPORT";
+
+static SHIM_READY: AtomicBool = AtomicBool::new(false);
+
+/// Call first thing in `main` of every binary that uses [`measure`]: when the process was started
+/// as the measuring shim it runs the command, reports, and exits here.
+pub fn init() {
+    if let Some(report) = std::env::var_os(SHIM_ENV) {
+        std::process::exit(run_shim(&report));
+    }
+    SHIM_READY.store(true, Ordering::Relaxed);
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+fn run_shim(report: &OsStr) -> i32 {
+    let mut args = std::env::args_os().skip(1);
+    let Some(prog) = args.next() else {
+        eprintln!("measure shim: no command given");
+        return 125;
+    };
+    let start = Instant::now();
+    let status = Command::new(&prog).args(args).env_remove(SHIM_ENV).status();
+    let wall = start.elapsed().as_secs_f64();
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("measure shim: cannot run {}: {e}", prog.to_string_lossy());
+            return 127;
+        }
+    };
+    let code = exit_code(status);
+    let usage = match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("measure shim: getrusage: {e}");
+            return 125;
+        }
+    };
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let line = format!(
+        "{wall} {} {} {} {code}\n",
+        secs(usage.user_time()),
+        secs(usage.system_time()),
+        usage.max_rss()
+    );
+    if let Err(e) = std::fs::write(report, line) {
+        eprintln!("measure shim: write report: {e}");
+        return 125;
+    }
+    code
+}
+
+/// Resources used by one command.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Measurement {
+    /// Wall-clock seconds from spawn to exit.
+    pub wall_secs: f64,
+    /// CPU seconds in user mode (all threads and descendants).
+    pub user_secs: f64,
+    /// CPU seconds in kernel mode (all threads and descendants).
+    pub sys_secs: f64,
+    /// Peak resident set size in KiB (the largest process of the command and its descendants).
+    pub max_rss_kib: u64,
+}
+
+/// Runs `cmd` (program, arguments, environment and working directory are taken from it; its
+/// standard streams are inherited) and reports its wall time, CPU time and peak RSS. Fails if it
+/// does not exit with status 0. Needs [`init`] to have been called in `main`.
+pub fn measure(cmd: &Command) -> Result<Measurement> {
+    if !SHIM_READY.load(Ordering::Relaxed) {
+        bail!("measure: cimg_benches::init() was not called at the start of main");
+    }
+    let report = tempfile::NamedTempFile::new().context("measure: create report file")?;
+    let mut shim = Command::new(std::env::current_exe().context("measure: find own executable")?);
+    shim.arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env(SHIM_ENV, report.path());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => shim.env(k, v),
+            None => shim.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        shim.current_dir(dir);
+    }
+    let line = command_line(cmd);
+    let status = shim.status().with_context(|| format!("run {line}"))?;
+    if !status.success() {
+        bail!("`{line}` failed with exit status {}", exit_code(status));
+    }
+    let text = std::fs::read_to_string(report.path()).context("measure: read report")?;
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let parse = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .with_context(|| format!("measure: bad report {text:?}"))
+    };
+    Ok(Measurement {
+        wall_secs: parse(0)?,
+        user_secs: parse(1)?,
+        sys_secs: parse(2)?,
+        max_rss_kib: parse(3)? as u64,
+    })
+}
+
+/// Quotes one word for a POSIX shell (only when needed).
+pub fn shell_quote(s: &OsStr) -> String {
+    let s = s.to_string_lossy();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+%@".contains(c));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The command line of `cmd` as a shell would run it.
+pub fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses a size such as `131072`, `128K`, `1M`, `1G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 131072, 128K, 1M)"))
+}
+
+/// Formats a byte count with a binary unit, e.g. `123.4 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Median of a non-empty sample (mean of the two middle values for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Finds an executable: a path containing `/` is taken as is, otherwise `$PATH` is searched.
+pub fn find_program(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return is_exe(name).then(|| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_exe(p))
+}
+
+/// The `cimg` binary: `explicit` if given, else the one next to the running executable (the same
+/// cargo target directory).
+pub fn cimg_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let p = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .context("find own executable")?
+            .with_file_name("cimg"),
+    };
+    if !p.is_file() {
+        bail!(
+            "cimg binary not found at {} (build it with `cargo build --release -p cimg-format`, or pass --cimg PATH)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// What a directory tree holds, as counted by [`read_tree`].
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct TreeStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub other: u64,
+    /// Bytes of regular file content (hard links counted once per name).
+    pub bytes: u64,
+    /// Entries that could not be read (skipped).
+    pub errors: u64,
+}
+
+/// Walks `root` without following symlinks and, if `read` is set, reads every regular file to
+/// the end (a warm-up pass that fills the page cache).
+pub fn read_tree(root: &Path, read: bool) -> TreeStats {
+    let mut st = TreeStats::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        st.dirs += 1;
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            st.errors += 1;
+            continue;
+        };
+        for e in entries {
+            let Ok(e) = e else {
+                st.errors += 1;
+                continue;
+            };
+            let Ok(ft) = e.file_type() else {
+                st.errors += 1;
+                continue;
+            };
+            let path = e.path();
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_symlink() {
+                st.symlinks += 1;
+            } else if ft.is_file() {
+                st.files += 1;
+                if read {
+                    match std::fs::File::open(&path) {
+                        Ok(mut f) => loop {
+                            match f.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => st.bytes += n as u64,
+                                Err(_) => {
+                                    st.errors += 1;
+                                    break;
+                                }
+                            }
+                        },
+                        Err(_) => st.errors += 1,
+                    }
+                } else {
+                    st.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            } else {
+                st.other += 1;
+            }
+        }
+    }
+    st
+}
+
+/// Size of a file in bytes.
+pub fn file_size(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("stat {}", p.display()))?
+        .len())
+}
+
+/// A small deterministic PRNG (SplitMix64): fast, seedable, good enough for synthetic data.
+#[derive(Debug, Clone)]
+pub struct Prng(u64);
+
+impl Prng {
+    pub fn new(seed: u64) -> Self {
+        Prng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`; the tiny modulo bias does not matter here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let x = self.next_u64().to_le_bytes();
+        let n = rest.len();
+        rest.copy_from_slice(&x[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("128K"), Ok(131072));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("x").is_err());
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote(OsStr::new("-b")), "-b");
+        assert_eq!(shell_quote(OsStr::new("a b")), "'a b'");
+        assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
+        let mut c = Command::new("mksquashfs");
+        c.args(["/usr", "out dir/x.sqfs"]);
+        assert_eq!(command_line(&c), "mksquashfs /usr 'out dir/x.sqfs'");
+    }
+
+    #[test]
+    fn prng_is_deterministic() {
+        let (mut a, mut b) = (Prng::new(7), Prng::new(7));
+        let (mut x, mut y) = ([0u8; 13], [0u8; 13]);
+        a.fill(&mut x);
+        b.fill(&mut y);
+        assert_eq!(x, y);
+        assert!((0..1000).all(|_| (3..=9).contains(&a.range(3, 9))));
+    }
+}
