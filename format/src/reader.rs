@@ -210,6 +210,41 @@ fn table_range(t: &Table, elem: usize, meta_len: usize, name: &str) -> Result<Ra
     }
 }
 
+/// `fails[i]` = how many of records `0..i` fail `fails_at`, counted modulo 2^32: exact for
+/// the difference over any range of at most `u32::MAX` records, the longest an inode names.
+fn prefix_failures(n: usize, mut fails_at: impl FnMut(usize) -> bool) -> Vec<u32> {
+    let mut out = Vec::with_capacity(n + 1);
+    let mut acc = 0u32;
+    out.push(acc);
+    for j in 0..n {
+        acc = acc.wrapping_add(fails_at(j) as u32);
+        out.push(acc);
+    }
+    out
+}
+
+/// [`prefix_failures`] of records that are invalid (`key` is `None`) or whose key does not sort
+/// strictly before the next record's.
+fn sorted_failures<'a>(n: usize, key: impl Fn(usize) -> Option<&'a [u8]>) -> Vec<u32> {
+    let mut next = if n > 0 { key(0) } else { None };
+    prefix_failures(n, |j| {
+        let cur = next;
+        next = if j + 1 < n { key(j + 1) } else { None };
+        match (cur, next) {
+            (None, _) => true,
+            (Some(a), Some(b)) => a >= b,
+            (Some(_), None) => false,
+        }
+    })
+}
+
+/// Whether records `a..e` all pass, from their [`prefix_failures`] (which need not judge the
+/// last record, e.g. its order against the record after the range) and `last_ok`, the check of
+/// record `e - 1`.
+fn range_clean(fails: &[u32], a: usize, e: usize, last_ok: impl FnOnce() -> bool) -> bool {
+    a >= e || (fails[e - 1].wrapping_sub(fails[a]) == 0 && last_ok())
+}
+
 /// Decompressed metadata offsets are reported relative to the metadata region, marked so.
 fn meta_err(what: impl std::fmt::Display, at: usize) -> Error {
     Error::corrupt(format!("metadata: {what}"), at as u64)
@@ -308,8 +343,15 @@ impl<R: ReadAt> Image<R> {
             return Err(Error::corrupt("metadata checksum mismatch", meta.start));
         }
         let mut raw = Vec::with_capacity(raw_len as usize);
-        let dec = zstd::stream::read::Decoder::with_buffer(&stored[..])
-            .and_then(|d| d.take(raw_len + 1).read_to_end(&mut raw));
+        // Decompress at most `raw_len` bytes into the buffer sized for them, then probe for one
+        // more: reading `raw_len + 1` into it would make the vector double its capacity.
+        let dec = zstd::stream::read::Decoder::with_buffer(&stored[..]).and_then(|mut d| {
+            // The writer compresses metadata at level 19 at most (window 2^23); refuse frames
+            // that would make zstd reserve a larger window.
+            d.window_log_max(24)?;
+            let n = (&mut d).take(raw_len).read_to_end(&mut raw)?;
+            Ok(n + d.read(&mut [0u8; 1])?)
+        });
         match dec {
             Ok(n) if n as u64 == raw_len => {}
             Ok(n) => {
@@ -443,6 +485,37 @@ impl<R: ReadAt> Image<R> {
                 ));
             }
         }
+        // Inodes may share or overlap their chunk, entry and xattr ranges (FORMAT.md §6), so
+        // checking each inode's range record by record could cost inodes × records on a
+        // hostile image. Each record is checked once instead, the failures counted
+        // cumulatively, and a range is checked in O(1) (`range_clean`); the record-by-record
+        // loops below run only to report what is wrong in a range that is not clean.
+        let chunk_fits = |c: &Chunk, len: u64| {
+            let blk = c.block.get();
+            blk == HOLE
+                || blocks.get(blk as usize).is_some_and(|b| {
+                    (c.offset.get() as u64).saturating_add(len) <= b.raw_len.get() as u64
+                })
+        };
+        let full_chunk_fails = prefix_failures(chunks.len(), |j| !chunk_fits(&chunks[j], bs));
+        let xattr_key = |j: usize| -> Option<&[u8]> {
+            let x = &xattrs[j];
+            let key = self
+                .blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")
+                .ok()?;
+            self.blob_slice(
+                x.value_offset.get(),
+                x.value_len.get() as u64,
+                "xattr value",
+            )
+            .ok()?;
+            let ok = !key.is_empty()
+                && key.len() <= 255
+                && !key.contains(&0)
+                && x.value_len.get() <= 65536;
+            ok.then_some(key)
+        };
+        let xattr_fails = sorted_failures(xattrs.len(), xattr_key);
         for (i, node) in inodes.iter().enumerate() {
             let ino = i as u32 + 1;
             let at = self.inodes.start + i * size_of::<Inode>();
@@ -463,7 +536,13 @@ impl<R: ReadAt> Image<R> {
                         .checked_add(count)
                         .filter(|&e| e <= chunks.len() as u64)
                         .ok_or_else(|| bad(format!("chunks {first}+{count} out of range")))?;
-                    for (k, c) in chunks[first as usize..range as usize].iter().enumerate() {
+                    let (a, e) = (first as usize, range as usize);
+                    let last_len = size - count.saturating_sub(1) * bs;
+                    let clean = range_clean(&full_chunk_fails, a, e, || {
+                        chunk_fits(&chunks[e - 1], last_len)
+                    });
+                    let suspect = if clean { &chunks[a..a] } else { &chunks[a..e] };
+                    for (k, c) in suspect.iter().enumerate() {
                         let len = (size - k as u64 * bs).min(bs);
                         let blk = c.block.get();
                         if blk == HOLE {
@@ -506,8 +585,11 @@ impl<R: ReadAt> Image<R> {
                 .checked_add(xc)
                 .filter(|&e| e <= xattrs.len() as u64)
                 .ok_or_else(|| bad(format!("xattrs {xf}+{xc} out of range")))?;
+            let (a, e) = (xf as usize, xend as usize);
+            let clean = range_clean(&xattr_fails, a, e, || xattr_key(e - 1).is_some());
+            let suspect = if clean { &xattrs[a..a] } else { &xattrs[a..e] };
             let mut prev: Option<&[u8]> = None;
-            for x in &xattrs[xf as usize..xend as usize] {
+            for x in suspect {
                 let key =
                     self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?;
                 self.blob_slice(
@@ -538,12 +620,42 @@ impl<R: ReadAt> Image<R> {
                 self.inodes.start,
             ));
         }
+        // A range of valid, sorted entries naming no directory needs no walk (see above). The
+        // others are walked whole; each directory entry is reached at most once, so the ranges
+        // walked without error each hold an entry no other one holds, and such intervals
+        // cover any point at most twice: the walk stays linear however ranges are shared.
+        let entry_name = |j: usize| -> Option<&[u8]> {
+            let d = &dirents[j];
+            let name = self
+                .blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")
+                .ok()?;
+            let ok = !name.is_empty()
+                && name.len() <= 255
+                && name != b"."
+                && name != b".."
+                && !name.iter().any(|&c| c == b'/' || c == 0);
+            let child = d
+                .inode
+                .get()
+                .checked_sub(1)
+                .and_then(|c| inodes.get(c as usize))?;
+            let kind_ok = FileKind::from_mode(child.mode.get()).map(|k| k as u8) == Some(d.kind);
+            (ok && kind_ok).then_some(name)
+        };
+        let entry_fails = sorted_failures(dirents.len(), entry_name);
+        let subdirs = prefix_failures(dirents.len(), |j| dirents[j].kind == FileKind::Dir as u8);
         let mut seen = vec![false; inodes.len()];
         seen[0] = true;
         let mut stack = vec![ROOT_INO];
         while let Some(dir) = stack.pop() {
             let node = &inodes[dir as usize - 1];
             let (first, count) = (node.first.get() as usize, node.count.get() as usize);
+            let (a, e) = (first, first + count);
+            if subdirs[e].wrapping_sub(subdirs[a]) == 0
+                && range_clean(&entry_fails, a, e, || entry_name(e - 1).is_some())
+            {
+                continue;
+            }
             let mut prev: Option<&[u8]> = None;
             for (k, d) in dirents[first..first + count].iter().enumerate() {
                 let at = self.dirents.start + (first + k) * size_of::<Dirent>();
