@@ -6,6 +6,7 @@
 
 pub mod layout;
 pub mod reader;
+pub mod units;
 pub mod unpack;
 pub mod writer;
 

@@ -273,7 +273,14 @@ fn host_usr_round_trips() {
     // The whole host /usr (or CIMG_ROUNDTRIP_TREE): real binaries, libraries, scripts,
     // symlink farms and hard links.
     let tree = std::env::var_os("CIMG_ROUNDTRIP_TREE").unwrap_or_else(|| "/usr".into());
-    round_trip(Path::new(&tree), &PackOptions::default());
+    // Level 3: this test is about fidelity, and the default level packs /usr slower.
+    round_trip(
+        Path::new(&tree),
+        &PackOptions {
+            level: 3,
+            ..PackOptions::default()
+        },
+    );
 }
 
 #[test]

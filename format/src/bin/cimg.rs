@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result, bail};
 use cimg_format::reader::BlockCache;
+use cimg_format::units::{human_bytes as human, parse_size};
 use cimg_format::writer::{self, PackOptions};
 use cimg_format::{FileKind, Image};
 use clap::{Parser, Subcommand};
@@ -36,7 +37,7 @@ enum Cmd {
         #[arg(long, default_value = "128K", value_parser = parse_size)]
         block_size: u64,
         /// zstd compression level (1..=22).
-        #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = 9, allow_negative_numbers = true)]
         level: i32,
         /// Compression threads (default: all cores).
         #[arg(long)]
@@ -103,20 +104,6 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 131072, 128K, 1M)"))
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
@@ -418,21 +405,6 @@ fn date(secs: i64) -> String {
         rem / 3600,
         rem % 3600 / 60
     )
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 fn info(img: &Image, json: bool) -> Result<()> {
