@@ -191,3 +191,45 @@ fn corrupt_block_is_named_by_verify_and_cat() {
     assert!(by.status.success());
     assert_eq!(by.stdout, common::pseudo_data(2, 20_000));
 }
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..5000 {
+        std::fs::write(
+            src.path().join(format!("file-with-a-long-name-{i:05}")),
+            b"",
+        )
+        .unwrap();
+    }
+    std::fs::write(src.path().join("big"), common::pseudo_data(3, 1 << 20)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let img = packed(src.path(), work.path());
+    let img_s = img.display().to_string();
+    let cases: [&[&str]; 5] = [
+        &["ls", &img_s, "/", "-R"],
+        &["ls", &img_s, "/", "-l"],
+        &["cat", &img_s, "big"],
+        &["info", &img_s],
+        &["verify", &img_s],
+    ];
+    for args in cases {
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        // `true` exits at once, so cimg writes into a pipe nobody reads.
+        let cmd = format!(
+            "'{}' {} | true",
+            env!("CARGO_BIN_EXE_cimg"),
+            quoted.join(" ")
+        );
+        let o = Command::new("bash")
+            .args(["-o", "pipefail", "-c", &cmd])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && err.is_empty(),
+            "{cmd}: {:?} {err}",
+            o.status
+        );
+    }
+}

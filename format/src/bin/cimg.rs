@@ -290,12 +290,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pb.finish_and_clear();
             if bad.is_empty() {
                 if !quiet {
-                    println!(
-                        "{}: ok, {} blocks, digest {:032x}",
+                    emit(&format!(
+                        "{}: ok, {} blocks, digest {:032x}\n",
                         img.display(),
                         image.block_count(),
                         image.summary().digest
-                    );
+                    ))?;
                 }
             } else {
                 for e in &bad {
@@ -325,6 +325,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Write to standard output; a closed pipe (`cimg info | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r.context("write to standard output")?),
+    }
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -408,6 +417,8 @@ fn date(secs: i64) -> String {
 }
 
 fn info(img: &Image, json: bool) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut o = String::new();
     let s = img.summary();
     let h = img.header();
     let mut counts = std::collections::BTreeMap::<&str, u64>::new();
@@ -453,38 +464,41 @@ fn info(img: &Image, json: bool) -> Result<()> {
             "digest": format!("{:032x}", s.digest),
             "config": config,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
+        return emit(&o);
     }
-    println!("format version   {}.{}", s.version.0, s.version.1);
-    println!(
+    writeln!(o, "format version   {}.{}", s.version.0, s.version.1)?;
+    writeln!(
+        o,
         "image size       {} ({} bytes)",
         human(s.image_size),
         s.image_size
-    );
-    println!("  data           {}", human(s.data.end - s.data.start));
-    println!(
+    )?;
+    writeln!(o, "  data           {}", human(s.data.end - s.data.start))?;
+    writeln!(
+        o,
         "  metadata       {} ({} decompressed)",
         human(s.meta.end - s.meta.start),
         human(s.meta_raw_len)
-    );
-    println!("content          {} ({} bytes)", human(logical), logical);
-    println!("ratio            {ratio:.2}");
-    println!("dedup saved      {}", human(h.dedup_bytes.get()));
-    println!("block size       {}", human(s.block_size as u64));
-    println!("zstd level       {}", s.level);
-    println!(
+    )?;
+    writeln!(o, "content          {} ({} bytes)", human(logical), logical)?;
+    writeln!(o, "ratio            {ratio:.2}")?;
+    writeln!(o, "dedup saved      {}", human(h.dedup_bytes.get()))?;
+    writeln!(o, "block size       {}", human(s.block_size as u64))?;
+    writeln!(o, "zstd level       {}", s.level)?;
+    writeln!(
+        o,
         "blocks           {} ({} hot)",
         img.block_count(),
         s.hot_blocks
-    );
-    println!("inodes           {}", img.inode_count());
+    )?;
+    writeln!(o, "inodes           {}", img.inode_count())?;
     for (k, v) in &counts {
-        println!("  {k:<14} {v}");
+        writeln!(o, "  {k:<14} {v}")?;
     }
-    println!("digest           {:032x}", s.digest);
+    writeln!(o, "digest           {:032x}", s.digest)?;
     if let Some(c) = config {
-        println!("config           {c}");
+        writeln!(o, "config           {c}")?;
     }
-    Ok(())
+    emit(&o)
 }
