@@ -16,7 +16,7 @@ use crate::layout::{
 use crate::{Error, FileKind, Result};
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -342,15 +342,14 @@ impl<R: ReadAt> Image<R> {
         if xxh3_64(&stored) != sb.meta_checksum.get() {
             return Err(Error::corrupt("metadata checksum mismatch", meta.start));
         }
-        let mut raw = Vec::with_capacity(raw_len as usize);
-        // Decompress at most `raw_len` bytes into the buffer sized for them, then probe for one
-        // more: reading `raw_len + 1` into it would make the vector double its capacity.
-        let dec = zstd::stream::read::Decoder::with_buffer(&stored[..]).and_then(|mut d| {
+        // One-shot decompression into exactly `raw_len` bytes of capacity: a frame that would
+        // produce more fails ("destination buffer too small") instead of growing the buffer.
+        let mut raw: Vec<u8> = Vec::with_capacity(raw_len as usize);
+        let dec = zstd::bulk::Decompressor::new().and_then(|mut d| {
             // The writer compresses metadata at level 19 at most (window 2^23); refuse frames
             // that would make zstd reserve a larger window.
-            d.window_log_max(24)?;
-            let n = (&mut d).take(raw_len).read_to_end(&mut raw)?;
-            Ok(n + d.read(&mut [0u8; 1])?)
+            d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(24))?;
+            d.decompress_to_buffer(&stored[..], &mut raw)
         });
         match dec {
             Ok(n) if n as u64 == raw_len => {}
