@@ -1,4 +1,150 @@
 //! cimg-fuse: the FUSE filesystem that serves a `.cimg` image lazily, block by block, with a
 //! page-aligned decompressed-block cache and prefetch; and the `cimg-mount` binary.
 //!
-//! Not built yet: this crate is a placeholder until the FUSE driver issue lands.
+//! - [`fs`]: the `fuser` 0.18 filesystem over [`cimg_format::Image`] (every read-only
+//!   operation, EROFS for every write, kernel caching used fully; reads that need a block
+//!   loaded, sequential prefetch and hot-list prefetch go to a worker pool; `--record-hot`).
+//! - [`cache`]: the bounded, sharded, coalescing block cache.
+//! - [`mount`] / [`Server`]: mount an image and serve it, in this thread ([`Server::run`]) or
+//!   in the background ([`Server::spawn`]). Several event loops run, each on its own cloned
+//!   `/dev/fuse` fd (`Config { n_threads, clone_fd: true }`). As root (or in a user namespace
+//!   owning its mount namespace) fuser calls mount(2) itself; otherwise it falls back to
+//!   `fusermount3`.
+//!
+//! Not verified here: mounting as an ordinary user. fuser falls back to `fusermount3` when
+//! mount(2) is refused, but only if it can open `/dev/fuse` itself (mode 0666 on usual
+//! systems; this test machine has 0600, where no unprivileged FUSE mount works).
+
+pub mod cache;
+pub mod fs;
+
+pub use fs::{CimgFs, FsOptions};
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Default size of the decompressed-block cache: 256 MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Event loops, each on its own `/dev/fuse` fd (at least 1).
+    pub threads: usize,
+    /// Filesystem behaviour (cache size, workers, ...).
+    pub fs: FsOptions,
+    /// Let every user use the mount (`allow_other`; default when running as root).
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        MountOptions {
+            threads: cores.clamp(1, 16),
+            fs: FsOptions {
+                workers: cores.clamp(1, 8),
+                ..FsOptions::default()
+            },
+            allow_other: nix::unistd::geteuid().is_root(),
+        }
+    }
+}
+
+/// What can go wrong mounting or serving. Messages name the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The image does not open or validate (the message names it).
+    #[error("{0}")]
+    Image(#[from] cimg_format::Error),
+    /// The mount itself failed.
+    #[error("{}: mount: {err}", mountpoint.display())]
+    Mount {
+        /// Where.
+        mountpoint: PathBuf,
+        /// Why.
+        err: io::Error,
+    },
+    /// The session failed while serving.
+    #[error("{}: serving: {err}", mountpoint.display())]
+    Serve {
+        /// Where.
+        mountpoint: PathBuf,
+        /// Why.
+        err: io::Error,
+    },
+}
+
+/// A mounted image, not yet served.
+pub struct Server {
+    session: fuser::Session<CimgFs>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("mountpoint", &self.mountpoint)
+            .finish()
+    }
+}
+
+/// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
+/// done when this returns; requests are answered once the server runs.
+pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
+    let img = cimg_format::Image::open(image)?;
+    let fs = CimgFs::new(img, opts.fs.clone());
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName(image.display().to_string()),
+        fuser::MountOption::Subtype("cimg".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ];
+    if opts.allow_other {
+        cfg.acl = fuser::SessionACL::All;
+    }
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(|err| MountError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        err,
+    })?;
+    Ok(Server {
+        session,
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+impl Server {
+    /// A handle that unmounts from another thread (e.g. on SIGTERM); [`Server::run`] then
+    /// returns once the kernel has let go.
+    pub fn unmounter(&mut self) -> fuser::SessionUnmounter {
+        self.session.unmount_callable()
+    }
+
+    /// Serve until unmounted.
+    pub fn run(self) -> Result<(), MountError> {
+        let mountpoint = self.mountpoint;
+        self.session
+            .run()
+            .map_err(|err| MountError::Serve { mountpoint, err })
+    }
+
+    /// Serve in a background thread; dropping the handle unmounts.
+    pub fn spawn(self) -> Result<fuser::BackgroundSession, MountError> {
+        let mountpoint = self.mountpoint;
+        self.session
+            .spawn()
+            .map_err(|err| MountError::Serve { mountpoint, err })
+    }
+}
+
+/// Log one line to stderr as `cimg-mount: ...`, ignoring write errors (a background server's
+/// stderr may be gone).
+pub fn log(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "cimg-mount: {msg}");
+}

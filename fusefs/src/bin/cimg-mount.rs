@@ -1,0 +1,215 @@
+//! `cimg-mount IMG DIR [--foreground] [--threads N] [--cache-size S] [--log FILE]
+//! [--record-hot FILE]`: mount a `.cimg` image read-only on DIR.
+//!
+//! By default it returns once the mount answers, so a script can use DIR on the next line:
+//! it starts itself with `--foreground` as a child in a new session (setsid) and polls until
+//! DIR's device changes (or the child fails, whose message it passes on). The server stops
+//! when DIR is unmounted (`umount DIR`, `fusermount3 -u DIR`) or on SIGTERM/SIGINT/SIGHUP, on
+//! which it unmounts DIR itself. Errors are one line, `cimg-mount: what: why`, exit status 1.
+
+use anyhow::{Context, bail};
+use cimg_fuse::MountOptions;
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the default mode waits for the server to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cimg-mount",
+    version,
+    about = "Mount a .cimg image read-only with FUSE"
+)]
+struct Args {
+    /// The image file.
+    image: PathBuf,
+    /// The directory to mount on.
+    dir: PathBuf,
+    /// Serve in this process until unmounted instead of returning once mounted.
+    #[arg(long)]
+    foreground: bool,
+    /// FUSE event loops, each on its own /dev/fuse fd (default: cores, at most 16).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Decompressed-block cache size, e.g. 512M (default 256M).
+    #[arg(long, value_name = "S", value_parser = cimg_format::units::parse_size)]
+    cache_size: Option<u64>,
+    /// Where a background server writes its log lines (default: nowhere once mounted).
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Record the order in which files are first read, written to FILE at unmount in the
+    /// form `cimg pack --hot` reads.
+    #[arg(long, value_name = "FILE")]
+    record_hot: Option<PathBuf>,
+    /// Set by the default mode on the server it starts: begin a new session (setsid), away
+    /// from the caller's terminal and its hangups.
+    #[arg(long, hide = true)]
+    detached: bool,
+}
+
+fn options(a: &Args) -> MountOptions {
+    let mut o = MountOptions::default();
+    if let Some(t) = a.threads {
+        o.threads = t.max(1);
+    }
+    if let Some(c) = a.cache_size {
+        o.fs.cache_size = c;
+    }
+    o.fs.record_hot = a.record_hot.clone();
+    o
+}
+
+fn foreground(a: &Args) -> anyhow::Result<()> {
+    // Block the stop signals in every thread (they inherit the mask); one thread waits for them.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().context("blocking signals")?;
+    if a.detached {
+        nix::unistd::setsid().context("setsid")?;
+    }
+    let mut server = cimg_fuse::mount(&a.image, &a.dir, &options(a))?;
+    let mut unmounter = server.unmounter();
+    let dir = a.dir.clone();
+    std::thread::Builder::new()
+        .name("cimg-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                cimg_fuse::log(format_args!("{}: unmounting on {sig}", dir.display()));
+                if let Err(e) = unmounter.unmount() {
+                    // Busy: detach it lazily; the server answers the files still open and
+                    // stops when the last one is closed.
+                    cimg_fuse::log(format_args!(
+                        "{}: unmount: {e}; detaching lazily",
+                        dir.display()
+                    ));
+                    lazy_unmount(&dir);
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    server.run()?;
+    Ok(())
+}
+
+/// `umount -l`, or `fusermount3 -u -z` without the privilege for it.
+fn lazy_unmount(dir: &Path) {
+    let r = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+    if r.is_ok() {
+        return;
+    }
+    let ok = Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        cimg_fuse::log(format_args!(
+            "{}: lazy unmount failed too; unmount it by hand",
+            dir.display()
+        ));
+    }
+}
+
+fn dev_of(dir: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .dev())
+}
+
+fn background(a: &Args) -> anyhow::Result<()> {
+    let image =
+        std::fs::canonicalize(&a.image).with_context(|| format!("{}", a.image.display()))?;
+    let dir = std::fs::canonicalize(&a.dir).with_context(|| format!("{}", a.dir.display()))?;
+    if !dir.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    let dev0 = dev_of(&dir)?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(&image)
+        .arg(&dir)
+        .arg("--foreground")
+        .arg("--detached");
+    if let Some(t) = a.threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    if let Some(c) = a.cache_size {
+        cmd.arg("--cache-size").arg(c.to_string());
+    }
+    if let Some(f) = &a.record_hot {
+        let f = std::path::absolute(f).with_context(|| format!("{}", f.display()))?;
+        cmd.arg("--record-hot").arg(f);
+    }
+    let stderr = match &a.log {
+        Some(f) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .with_context(|| format!("{}", f.display()))?,
+        ),
+        None => Stdio::piped(),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .current_dir("/");
+    let mut child = cmd.spawn().context("starting the server")?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the server")? {
+            let mut msg = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut msg);
+            }
+            if msg.trim().is_empty() {
+                bail!(
+                    "{}: the server exited before mounting ({status})",
+                    dir.display()
+                );
+            }
+            // The server already said why, in our format.
+            eprint!("{msg}");
+            std::process::exit(1);
+        }
+        if dev_of(&dir)? != dev0 {
+            return Ok(());
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{}: the server did not answer within {} s",
+                dir.display(),
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let r = if args.foreground {
+        foreground(&args)
+    } else {
+        background(&args)
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            cimg_fuse::log(format_args!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1296 @@
+//! The `fuser::Filesystem` over a [`cimg_format::Image`].
+//!
+//! Inode numbers are the image's inode indexes, used as FUSE node ids directly (the root is
+//! 1), so the filesystem keeps no per-inode state and ignores `forget`. Every operation is a
+//! thin shim that calls an inner function returning [`Fail`] and answers through one errno
+//! mapping ([`Fail::errno`]); a bad data block is logged once (block, inode, paths) and its
+//! readers get EIO while everything else keeps being served.
+//!
+//! Kernel caching: entries and attributes carry a one-year TTL (the image never changes),
+//! missing names are answered as negative entries (node id 0) with the same TTL, OPEN and
+//! OPENDIR are answered with ENOSYS once (the kernel then opens without asking, with
+//! `FOPEN_KEEP_CACHE` / `FOPEN_CACHE_DIR`; with `zero_open` off they answer those flags
+//! explicitly), symlinks are cached (`FUSE_CACHE_SYMLINKS`), readdirplus is used when the
+//! kernel thinks it helps (`FUSE_READDIRPLUS_AUTO`), lookups in one directory run in parallel
+//! (`FUSE_PARALLEL_DIROPS`) and `max_background` is raised so readahead is not throttled.
+//!
+//! Reads go through the shared [`BlockCache`]. A read whose blocks are all cached is answered
+//! by the event loop that received it; otherwise it is handed (with its `Send` reply) to a
+//! pool of decompression workers (crossbeam channel), so the event loop can take the next
+//! request while the block loads. A read inside one extent (the common case: the kernel asks
+//! in 128 KiB pieces aligned to the block size) is answered straight from the cached block
+//! without copying. A read that starts where the previous read of the same inode ended is
+//! sequential: the next [`PREFETCH_BLOCKS`] blocks are queued to the same workers, which
+//! take reads first and prefetches when idle. When the image has a hot list, its blocks are
+//! read at mount in the background: the stored range streams in 4 MiB reads and the workers
+//! decompress it, up to half the cache.
+
+use crate::cache::{Block, BlockCache};
+use cimg_format::{Attr, Error, FileKind, Image};
+use crossbeam_channel::{Receiver, Sender};
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// TTL of entries and attributes: the image is immutable. (Not `Duration::MAX`: the kernel
+/// converts the seconds to a signed count.)
+pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Blocks queued ahead of a sequential reader.
+pub const PREFETCH_BLOCKS: usize = 4;
+
+/// Bad blocks logged (one line each) before the log falls silent, and how many of them get
+/// the paths of their files (a walk of the whole tree each).
+const MAX_BAD_LOGGED: usize = 100;
+const MAX_BAD_NAMED: usize = 16;
+
+/// Queue length of the prefetch workers; prefetches beyond it are dropped.
+const PREFETCH_QUEUE: usize = 256;
+
+/// Queue length of reads waiting for a worker; event loops wait when it is full.
+const READ_QUEUE: usize = 1024;
+
+/// Inodes remembered per shard for sequential-read detection before the shard is cleared.
+const SEQ_MAX: usize = 4096;
+const SEQ_SHARDS: usize = 16;
+
+/// How the filesystem behaves.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Bytes of decompressed blocks to cache.
+    pub cache_size: u64,
+    /// Decompression worker threads for prefetch (0: no prefetch).
+    pub workers: usize,
+    /// Answer OPEN/OPENDIR with ENOSYS so the kernel stops sending them.
+    pub zero_open: bool,
+    /// Prefetch the image's hot blocks at mount.
+    pub prefetch_hot: bool,
+    /// Record the order in which regular files are first read, and write it here (one path
+    /// per line, as `cimg pack --hot` reads it) when the filesystem is unmounted.
+    pub record_hot: Option<PathBuf>,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            cache_size: crate::DEFAULT_CACHE_SIZE,
+            workers: 4,
+            zero_open: true,
+            prefetch_hot: true,
+            record_hot: None,
+        }
+    }
+}
+
+/// Why an operation failed: an image error (mapped by [`Error::errno`]) or a plain errno.
+#[derive(Debug)]
+pub enum Fail {
+    /// From the image reader.
+    Image(Error),
+    /// Answer this errno.
+    Errno(Errno),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Image(e)
+    }
+}
+
+impl Fail {
+    /// The one errno mapping of the filesystem.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Fail::Image(e) => Errno::from_i32(e.errno()),
+            Fail::Errno(e) => *e,
+        }
+    }
+}
+
+type FResult<T> = Result<T, Fail>;
+
+/// State shared by the event loops and the workers.
+struct Inner {
+    img: Image,
+    cache: BlockCache,
+    blksize: u32,
+    /// Bad blocks already logged.
+    logged: Mutex<HashSet<u32>>,
+}
+
+impl Inner {
+    /// Read, verify and decompress block `idx` into a page-aligned buffer.
+    fn load(&self, idx: u32) -> cimg_format::Result<Block> {
+        thread_local! {
+            static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let (_, _, raw) = self.img.block_info(idx)?;
+        let mut block = self.cache.alloc(raw as usize).map_err(|err| Error::Io {
+            path: "anonymous memory for a block".into(),
+            err,
+        })?;
+        STORED.with(|s| {
+            let mut stored = s.borrow_mut();
+            self.img.read_stored(idx, &mut stored)?;
+            self.img.decode_block(idx, &stored, block.as_mut_slice())
+        })?;
+        Ok(block)
+    }
+
+    /// Block `idx` through the cache; a bad block is logged once, naming `ino` if known.
+    fn block(&self, idx: u32, ino: Option<u32>) -> cimg_format::Result<Arc<Block>> {
+        self.cache
+            .get_or_load(idx, || self.load(idx))
+            .inspect_err(|e| {
+                if ino.is_some() {
+                    self.log_bad(idx, ino, e);
+                }
+            })
+    }
+
+    fn log_bad(&self, idx: u32, ino: Option<u32>, e: &Error) {
+        let n = {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            if !logged.insert(idx) {
+                return;
+            }
+            logged.len()
+        };
+        if n > MAX_BAD_LOGGED {
+            if n == MAX_BAD_LOGGED + 1 {
+                crate::log(format_args!(
+                    "{}: more bad blocks; no longer logging them",
+                    self.img.label().display()
+                ));
+            }
+            return;
+        }
+        // Naming the files walks the whole tree: only for the first few blocks.
+        let files = if n <= MAX_BAD_NAMED {
+            self.img.files_using_block(idx).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut files = files
+            .into_iter()
+            .map(|p| format!("/{}", String::from_utf8_lossy(&p)))
+            .collect::<Vec<_>>();
+        if files.len() > 3 {
+            let more = files.len() - 3;
+            files.truncate(3);
+            files.push(format!("and {more} more"));
+        }
+        let ino = ino.map(|i| format!("inode {i}")).unwrap_or_default();
+        crate::log(format_args!(
+            "{}: block {idx} ({ino}{}{}): {e}; reads of it answer EIO",
+            self.img.label().display(),
+            if files.is_empty() { "" } else { ": " },
+            files.join(", ")
+        ));
+    }
+
+    /// Whether every block that a read of `size` bytes at `offset` touches is cached.
+    fn all_ready(&self, ino: u32, offset: u64, size: u32) -> bool {
+        let end = offset.saturating_add(size.into());
+        let mut pos = offset;
+        while pos < end {
+            match self.img.extent_at(ino, pos) {
+                Ok(Some(ext)) => {
+                    if let Some(b) = ext.block
+                        && !self.cache.is_ready(b)
+                    {
+                        return false;
+                    }
+                    pos = ext.file_offset + ext.len as u64;
+                }
+                // Past the end, or an error that the read itself will report.
+                _ => return true,
+            }
+        }
+        true
+    }
+
+    /// Read `size` bytes of `ino` at `offset` and hand them to `out` (one call).
+    fn read(&self, ino: u32, offset: u64, size: u32, out: impl FnOnce(&[u8])) -> FResult<()> {
+        let Some(ext) = self.img.extent_at(ino, offset)? else {
+            out(&[]);
+            return Ok(());
+        };
+        let size = size as usize;
+        let within = (offset - ext.file_offset) as usize;
+        let n = (ext.len as usize - within).min(size);
+        let file_end = ext.file_offset + ext.len as u64;
+        // One extent covers the request (or the file ends inside it): answer from the block.
+        if n == size || self.img.extent_at(ino, file_end)?.is_none() {
+            match ext.block {
+                None => out(&vec![0; n]),
+                Some(b) => {
+                    let data = self.block(b, Some(ino))?;
+                    out(slice(&data, b, ext.block_offset as usize + within, n)?);
+                }
+            }
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(size);
+        let mut pos = offset;
+        while buf.len() < size {
+            let Some(ext) = self.img.extent_at(ino, pos)? else {
+                break;
+            };
+            let within = (pos - ext.file_offset) as usize;
+            let n = (ext.len as usize - within).min(size - buf.len());
+            match ext.block {
+                None => buf.resize(buf.len() + n, 0),
+                Some(b) => {
+                    let data = self.block(b, Some(ino))?;
+                    buf.extend_from_slice(slice(&data, b, ext.block_offset as usize + within, n)?);
+                }
+            }
+            pos += n as u64;
+        }
+        out(&buf);
+        Ok(())
+    }
+}
+
+/// A read request, answered where its blocks are (an event loop or a worker).
+struct ReadJob {
+    ino: u32,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
+}
+
+impl ReadJob {
+    fn run(self, inner: &Inner) {
+        let mut reply = Some(self.reply);
+        let r = inner.read(self.ino, self.offset, self.size, |data| {
+            if let Some(r) = reply.take() {
+                r.data(data);
+            }
+        });
+        if let (Err(e), Some(r)) = (r, reply) {
+            r.error(e.errno());
+        }
+    }
+}
+
+/// A worker: answers read jobs first, prefetches when there are none; stops when the
+/// filesystem is dropped (either channel disconnects).
+fn worker(inner: &Inner, jobs: &Receiver<ReadJob>, prefetch: &Receiver<u32>) {
+    loop {
+        if let Ok(job) = jobs.try_recv() {
+            job.run(inner);
+            continue;
+        }
+        crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => job.run(inner),
+                Err(_) => return,
+            },
+            recv(prefetch) -> idx => match idx {
+                // Errors are reported to the reader that needs the block.
+                Ok(idx) => drop(inner.block(idx, None)),
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+fn slice(data: &[u8], block: u32, start: usize, n: usize) -> cimg_format::Result<&[u8]> {
+    start
+        .checked_add(n)
+        .and_then(|end| data.get(start..end))
+        .ok_or_else(|| Error::BadBlock {
+            block,
+            offset: 0,
+            why: format!("extent {start}+{n} outside the block"),
+        })
+}
+
+/// The filesystem. Cheap to build: the image was validated by [`Image::open`].
+pub struct CimgFs {
+    inner: Arc<Inner>,
+    opts: FsOptions,
+    /// Prefetch queue; `None` without workers. Dropping it stops the workers.
+    tx: Option<Sender<u32>>,
+    rx: Option<Receiver<u32>>,
+    /// Reads whose blocks must be loaded, answered by the workers; `None` without workers.
+    jobs: Option<Sender<ReadJob>>,
+    jobs_rx: Option<Receiver<ReadJob>>,
+    /// Per inode: where the last read ended (sequential-read detection).
+    seq: Box<[Mutex<HashMap<u32, u64>>]>,
+    /// First-read order of files, with `--record-hot`.
+    hot: Option<HotRecorder>,
+}
+
+/// The order in which inodes are first read: a bitset for "seen" and the list.
+struct HotRecorder {
+    seen: Box<[AtomicU64]>,
+    order: Mutex<Vec<u32>>,
+}
+
+impl HotRecorder {
+    fn new(inodes: u32) -> Self {
+        HotRecorder {
+            seen: (0..(inodes as usize + 1).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn touch(&self, ino: u32) {
+        let Some(w) = self.seen.get(ino as usize / 64) else {
+            return;
+        };
+        let bit = 1u64 << (ino % 64);
+        if w.load(Ordering::Relaxed) & bit == 0 && w.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            self.order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ino);
+        }
+    }
+
+    /// Write the recorded files as paths, one per line, atomically (temp file + rename).
+    fn write(&self, img: &Image, out: &Path) -> io::Result<usize> {
+        let order = std::mem::take(&mut *self.order.lock().unwrap_or_else(|p| p.into_inner()));
+        let wanted: HashSet<u32> = order.iter().copied().collect();
+        let mut paths: HashMap<u32, Vec<u8>> = HashMap::new();
+        img.walk(|path, e| {
+            if wanted.contains(&e.ino) {
+                paths.entry(e.ino).or_insert_with(|| path.to_vec());
+            }
+            Ok(())
+        })
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut text = Vec::new();
+        let mut n = 0;
+        for ino in order {
+            // A name with a newline cannot be listed; it is left out.
+            if let Some(p) = paths.get(&ino).filter(|p| !p.contains(&b'\n')) {
+                text.push(b'/');
+                text.extend_from_slice(p);
+                text.push(b'\n');
+                n += 1;
+            }
+        }
+        let mut tmp = out.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, out)?;
+        Ok(n)
+    }
+}
+
+impl std::fmt::Debug for CimgFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CimgFs")
+            .field("image", &self.inner.img)
+            .field("cache", &self.inner.cache)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn time(sec: i64, nsec: u32) -> SystemTime {
+    let t = if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+    };
+    t.and_then(|t| t.checked_add(Duration::from_nanos(nsec.into())))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+fn file_attr(a: &Attr, blksize: u32) -> FileAttr {
+    let t = time(a.mtime_sec, a.mtime_nsec);
+    FileAttr {
+        ino: INodeNo(a.ino.into()),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.kind),
+        perm: a.perm() as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize,
+        flags: 0,
+    }
+}
+
+/// The node id as an image inode number (ids above `u32::MAX` name nothing).
+fn ino(i: INodeNo) -> FResult<u32> {
+    u32::try_from(i.0).map_err(|_| Fail::Errno(Errno::ENOENT))
+}
+
+impl CimgFs {
+    /// A filesystem over `img`.
+    pub fn new(img: Image, opts: FsOptions) -> Self {
+        let blksize = img.block_size();
+        let inner = Arc::new(Inner {
+            img,
+            cache: BlockCache::new(opts.cache_size),
+            blksize,
+            logged: Mutex::new(HashSet::new()),
+        });
+        let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
+            let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
+            let (jobs, jobs_rx) = crossbeam_channel::bounded(READ_QUEUE);
+            (Some(tx), Some(rx), Some(jobs), Some(jobs_rx))
+        } else {
+            (None, None, None, None)
+        };
+        let hot = opts
+            .record_hot
+            .is_some()
+            .then(|| HotRecorder::new(inner.img.inode_count()));
+        CimgFs {
+            inner,
+            opts,
+            tx,
+            rx,
+            jobs,
+            jobs_rx,
+            hot,
+            seq: (0..SEQ_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    /// The image served.
+    pub fn image(&self) -> &Image {
+        &self.inner.img
+    }
+
+    /// The block cache.
+    pub fn cache(&self) -> &BlockCache {
+        &self.inner.cache
+    }
+
+    /// Start the prefetch workers and the hot-list prefetch (called from `init`).
+    fn start_workers(&mut self) -> io::Result<()> {
+        let (Some(rx), Some(jobs)) = (self.rx.take(), self.jobs_rx.take()) else {
+            return Ok(());
+        };
+        for i in 0..self.opts.workers {
+            let (rx, jobs, inner) = (rx.clone(), jobs.clone(), self.inner.clone());
+            std::thread::Builder::new()
+                .name(format!("cimg-worker-{i}"))
+                .spawn(move || worker(&inner, &jobs, &rx))?;
+        }
+        let hot = self.inner.img.summary().hot_blocks;
+        if let (true, Some(tx)) = (self.opts.prefetch_hot && hot > 0, self.tx.clone()) {
+            let inner = self.inner.clone();
+            std::thread::Builder::new()
+                .name("cimg-hot".into())
+                .spawn(move || prefetch_hot(&inner, hot, &tx))?;
+        }
+        Ok(())
+    }
+
+    /// Record a read of `ino` at `offset..end`; whether it continues the previous one.
+    fn sequential(&self, ino: u32, offset: u64, end: u64) -> bool {
+        let mut m = self.seq[ino as usize % SEQ_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if m.len() >= SEQ_MAX {
+            m.clear();
+        }
+        m.insert(ino, end) == Some(offset)
+    }
+
+    /// Queue the blocks after `from` in `ino` that are not cached yet.
+    fn prefetch_after(&self, ino: u32, from: u64) {
+        let Some(tx) = &self.tx else { return };
+        let mut pos = from;
+        for _ in 0..PREFETCH_BLOCKS {
+            let Ok(Some(ext)) = self.inner.img.extent_at(ino, pos) else {
+                return;
+            };
+            if let Some(b) = ext.block
+                && !self.inner.cache.contains(b)
+                && tx.try_send(b).is_err()
+            {
+                return;
+            }
+            pos = ext.file_offset + ext.len as u64;
+        }
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FResult<Option<FileAttr>> {
+        let img = &self.inner.img;
+        match img.lookup(ino(parent)?, name.as_bytes())? {
+            Some(i) => Ok(Some(file_attr(&img.attr(i)?, self.inner.blksize))),
+            None => Ok(None),
+        }
+    }
+
+    fn do_getattr(&self, i: INodeNo) -> FResult<FileAttr> {
+        Ok(file_attr(
+            &self.inner.img.attr(ino(i)?)?,
+            self.inner.blksize,
+        ))
+    }
+
+    fn do_open(&self, i: INodeNo, flags: OpenFlags, dir: bool) -> FResult<FopenFlags> {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc_o_trunc() != 0 {
+            return Err(Fail::Errno(Errno::EROFS));
+        }
+        let a = self.inner.img.attr(ino(i)?)?;
+        if dir && a.kind != FileKind::Dir {
+            return Err(Fail::Errno(Errno::ENOTDIR));
+        }
+        if self.opts.zero_open {
+            return Err(Fail::Errno(Errno::ENOSYS));
+        }
+        Ok(if dir {
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        })
+    }
+
+    /// Fill a readdir reply from position `offset`: 0 is `.`, 1 is `..`, `i + 2` is entry
+    /// `i`; each entry carries the position of the next. `add` returns true when full.
+    fn do_readdir(
+        &self,
+        dir: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u32, u64, &OsStr, FileKind, Option<&Attr>) -> bool,
+        plus: bool,
+    ) -> FResult<()> {
+        let img = &self.inner.img;
+        let d = ino(dir)?;
+        let len = img.dir_len(d)? as u64;
+        let mut pos = offset;
+        while pos < len + 2 {
+            let full = match pos {
+                0 => {
+                    let a = plus.then(|| img.attr(d)).transpose()?;
+                    add(d, 1, OsStr::new("."), FileKind::Dir, a.as_ref())
+                }
+                1 => {
+                    let p = img.parent(d)?;
+                    let a = plus.then(|| img.attr(p)).transpose()?;
+                    add(p, 2, OsStr::new(".."), FileKind::Dir, a.as_ref())
+                }
+                _ => {
+                    let Some(e) = img.dir_entry(d, (pos - 2) as usize)? else {
+                        break;
+                    };
+                    let a = plus.then(|| img.attr(e.ino)).transpose()?;
+                    add(
+                        e.ino,
+                        pos + 1,
+                        OsStr::from_bytes(e.name),
+                        e.kind,
+                        a.as_ref(),
+                    )
+                }
+            };
+            if full {
+                break;
+            }
+            pos += 1;
+        }
+        Ok(())
+    }
+
+    fn do_getxattr(&self, i: INodeNo, name: &OsStr, size: u32) -> FResult<XattrAnswer> {
+        let v = self
+            .inner
+            .img
+            .getxattr(ino(i)?, name.as_bytes())?
+            .ok_or(Fail::Errno(Errno::NO_XATTR))?;
+        xattr_answer(v.to_vec(), size)
+    }
+
+    fn do_listxattr(&self, i: INodeNo, size: u32) -> FResult<XattrAnswer> {
+        let mut list = Vec::new();
+        for (k, _) in self.inner.img.xattrs(ino(i)?)? {
+            list.extend_from_slice(k);
+            list.push(0);
+        }
+        xattr_answer(list, size)
+    }
+}
+
+enum XattrAnswer {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// Size-probe semantics: size 0 asks for the length; a buffer too small is ERANGE.
+fn xattr_answer(v: Vec<u8>, size: u32) -> FResult<XattrAnswer> {
+    let len = u32::try_from(v.len()).map_err(|_| Fail::Errno(Errno::E2BIG))?;
+    if size == 0 {
+        Ok(XattrAnswer::Size(len))
+    } else if len > size {
+        Err(Fail::Errno(Errno::ERANGE))
+    } else {
+        Ok(XattrAnswer::Data(v))
+    }
+}
+
+const fn libc_o_trunc() -> i32 {
+    0o1000
+}
+
+/// Read the hot blocks' stored range in 4 MiB pieces (one streaming read through the page
+/// cache) and queue each piece's blocks to the workers, up to half the cache.
+fn prefetch_hot(inner: &Inner, hot: u64, tx: &Sender<u32>) {
+    const CHUNK: u64 = 4 << 20;
+    let budget = inner.cache.capacity() / 2;
+    let n = u32::try_from(hot)
+        .unwrap_or(u32::MAX)
+        .min(inner.img.block_count());
+    let mut buf = Vec::new();
+    let mut raw_total = 0u64;
+    let mut idx = 0u32;
+    while idx < n {
+        let Ok((start, _, _)) = inner.img.block_info(idx) else {
+            return;
+        };
+        let mut end = start;
+        let first = idx;
+        while idx < n {
+            let Ok((off, stored, raw)) = inner.img.block_info(idx) else {
+                return;
+            };
+            if off != end || (idx > first && off + stored as u64 - start > CHUNK) {
+                break;
+            }
+            if raw_total + raw as u64 > budget {
+                break;
+            }
+            raw_total += raw as u64;
+            end = off + stored as u64;
+            idx += 1;
+        }
+        if idx == first {
+            return; // budget reached or a non-contiguous table: stop quietly
+        }
+        buf.resize((end - start) as usize, 0);
+        if inner.img.read_raw(start, &mut buf).is_err() {
+            return;
+        }
+        for b in first..idx {
+            if tx.send(b).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Filesystem for CimgFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_NO_OPEN_SUPPORT,
+            InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+        ] {
+            // Capabilities the kernel lacks are simply not used.
+            let _ = config.add_capabilities(cap);
+        }
+        let _ = config.set_max_background(256);
+        let _ = config.set_congestion_threshold(192);
+        self.start_workers()
+    }
+
+    fn destroy(&mut self) {
+        self.tx = None;
+        self.jobs = None;
+        if let (Some(hot), Some(out)) = (self.hot.take(), self.opts.record_hot.as_ref()) {
+            match hot.write(&self.inner.img, out) {
+                Ok(n) => crate::log(format_args!(
+                    "{}: recorded {n} files in first-read order",
+                    out.display()
+                )),
+                Err(e) => crate::log(format_args!("{}: {e}", out.display())),
+            }
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(Some(a)) => reply.entry(&TTL, &a, Generation(0)),
+            // A negative entry: node id 0 with a TTL, cached by the kernel.
+            Ok(None) => {
+                let mut a = file_attr(
+                    &Attr {
+                        ino: 0,
+                        kind: FileKind::File,
+                        mode: 0,
+                        uid: 0,
+                        gid: 0,
+                        nlink: 0,
+                        size: 0,
+                        mtime_sec: 0,
+                        mtime_nsec: 0,
+                        rdev: 0,
+                    },
+                    self.inner.blksize,
+                );
+                a.ino = INodeNo(0);
+                reply.entry(&TTL, &a, Generation(0))
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        match ino(i).and_then(|i| Ok(self.inner.img.readlink(i)?)) {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino, flags, false) {
+            Ok(f) => reply.opened(FileHandle(0), f),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino, flags, true) {
+            Ok(f) => reply.opened(FileHandle(0), f),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let i = match ino(i) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let end = offset.saturating_add(size.into());
+        if let Some(h) = &self.hot {
+            h.touch(i);
+        }
+        if self.sequential(i, offset, end) {
+            self.prefetch_after(i, end);
+        }
+        // Blocks to load: hand the request to a worker so this event loop can take the next
+        // one; cached blocks are answered here.
+        if let Some(jobs) = &self.jobs
+            && !self.inner.all_ready(i, offset, size)
+        {
+            let job = ReadJob {
+                ino: i,
+                offset,
+                size,
+                reply,
+            };
+            match jobs.send(job) {
+                Ok(()) => return,
+                Err(e) => return e.into_inner().run(&self.inner),
+            }
+        }
+        ReadJob {
+            ino: i,
+            offset,
+            size,
+            reply,
+        }
+        .run(&self.inner);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self.do_readdir(
+            ino,
+            offset,
+            |i, next, name, kind, _| reply.add(INodeNo(i.into()), next, file_type(kind), name),
+            false,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let blksize = self.inner.blksize;
+        let r = self.do_readdir(
+            ino,
+            offset,
+            |i, next, name, _, a| match a {
+                Some(a) => reply.add(
+                    INodeNo(i.into()),
+                    next,
+                    name,
+                    &TTL,
+                    &file_attr(a, blksize),
+                    Generation(0),
+                ),
+                None => true,
+            },
+            true,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let img = &self.inner.img;
+        let bs = img.block_size();
+        reply.statfs(
+            img.summary().image_size.div_ceil(bs.into()),
+            0,
+            0,
+            img.inode_count().into(),
+            0,
+            bs,
+            255,
+            bs,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.do_getxattr(ino, name, size) {
+            Ok(XattrAnswer::Size(n)) => reply.size(n),
+            Ok(XattrAnswer::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.do_listxattr(ino, size) {
+            Ok(XattrAnswer::Size(n)) => reply.size(n),
+            Ok(XattrAnswer::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn access(&self, _req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (`default_permissions`); this answers
+        // existence and the read-only rule.
+        match ino(i).and_then(|i| Ok(self.inner.img.attr(i)?)) {
+            Err(e) => reply.error(e.errno()),
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+        }
+    }
+
+    // Every write operation: read-only filesystem.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cimg_format::{PackOptions, pack_dir};
+
+    fn image(files: &[(&str, Vec<u8>)], block_log: u8) -> (tempfile::TempDir, CimgFs) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        for (name, data) in files {
+            let p = src.join(name);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, data).expect("write");
+        }
+        let img = tmp.path().join("img.cimg");
+        let opts = PackOptions {
+            block_log,
+            threads: 2,
+            ..PackOptions::default()
+        };
+        pack_dir(&src, &img, &opts, &|_, _| {}).expect("pack");
+        let fs = CimgFs::new(
+            Image::open(&img).expect("open"),
+            FsOptions {
+                cache_size: 64 << 10,
+                workers: 0,
+                ..FsOptions::default()
+            },
+        );
+        (tmp, fs)
+    }
+
+    fn pseudo(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 {
+                    b'a' + (i % 7) as u8
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    /// Entries from position `offset` as (ino, next offset, name), at most `max`.
+    fn listing(fs: &CimgFs, dir: u32, offset: u64, max: usize) -> Vec<(u32, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        fs.do_readdir(
+            INodeNo(dir.into()),
+            offset,
+            |i, next, name, _, _| {
+                out.push((i, next, name.as_bytes().to_vec()));
+                out.len() >= max
+            },
+            false,
+        )
+        .expect("readdir");
+        out
+    }
+
+    #[test]
+    fn readdir_offsets_resume() {
+        let files: Vec<(String, Vec<u8>)> =
+            (0..7).map(|i| (format!("d/f{i}"), vec![i as u8])).collect();
+        let files: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+        let (_tmp, fs) = image(&files, 12);
+        let d = fs.image().resolve(b"d").expect("d");
+        let all = listing(&fs, d, 0, usize::MAX);
+        assert_eq!(all.len(), 9);
+        assert_eq!((all[0].0, all[0].2.as_slice()), (d, &b"."[..]));
+        assert_eq!((all[1].0, all[1].2.as_slice()), (1, &b".."[..]));
+        assert_eq!(all[2].2, b"f0");
+        for (k, e) in all.iter().enumerate() {
+            assert_eq!(e.1, k as u64 + 1, "next offset of entry {k}");
+            // Resuming at any entry's next offset gives the rest.
+            assert_eq!(listing(&fs, d, e.1, usize::MAX), all[k + 1..]);
+        }
+        assert!(listing(&fs, d, 100, usize::MAX).is_empty());
+        assert_eq!(listing(&fs, d, 3, 2), all[3..5]);
+        // Not a directory.
+        let f = fs.image().resolve(b"d/f0").expect("f0");
+        let e = fs
+            .do_readdir(INodeNo(f.into()), 0, |_, _, _, _, _| false, false)
+            .unwrap_err();
+        assert_eq!(e.errno(), Errno::ENOTDIR);
+    }
+
+    #[test]
+    fn reads_across_blocks_and_at_the_end() {
+        let a = pseudo(3 * 4096 + 123, 1);
+        let b = pseudo(1000, 2);
+        let (_tmp, fs) = image(&[("a", a.clone()), ("b", b.clone())], 12);
+        let ino = fs.image().resolve(b"a").expect("a");
+        for (off, size) in [
+            (0u64, 4096u32),
+            (0, 100_000),
+            (4000, 200),
+            (4095, 4098),
+            (12_000, 4096),
+            (a.len() as u64 - 1, 10),
+            (a.len() as u64, 10),
+            (a.len() as u64 + 5000, 10),
+        ] {
+            let mut got = None;
+            fs.inner
+                .read(ino, off, size, |d| got = Some(d.to_vec()))
+                .expect("read");
+            let s = (off as usize).min(a.len());
+            let e = (off as usize + size as usize).min(a.len());
+            assert_eq!(got.expect("answered"), &a[s..e], "{off}+{size}");
+        }
+        let bi = fs.image().resolve(b"b").expect("b");
+        let mut got = Vec::new();
+        fs.inner
+            .read(bi, 0, 4096, |d| got = d.to_vec())
+            .expect("read");
+        assert_eq!(got, b);
+        assert!(fs.cache().bytes() <= 64 << 10);
+        // Reading a directory is an error, not a panic.
+        assert!(fs.inner.read(1, 0, 10, |_| {}).is_err());
+    }
+
+    #[test]
+    fn xattr_size_probe_and_erange() {
+        assert!(matches!(
+            xattr_answer(b"abc".to_vec(), 0),
+            Ok(XattrAnswer::Size(3))
+        ));
+        assert!(matches!(
+            xattr_answer(b"abc".to_vec(), 2),
+            Err(Fail::Errno(Errno::ERANGE))
+        ));
+        assert!(matches!(
+            xattr_answer(b"abc".to_vec(), 3),
+            Ok(XattrAnswer::Data(v)) if v == b"abc"
+        ));
+        assert!(matches!(
+            xattr_answer(Vec::new(), 0),
+            Ok(XattrAnswer::Size(0))
+        ));
+    }
+
+    #[test]
+    fn attrs_and_times() {
+        let (_tmp, fs) = image(&[("x", b"hello".to_vec())], 12);
+        let a = fs.do_getattr(INodeNo(2)).expect("getattr");
+        assert_eq!((a.size, a.kind, a.blocks), (5, FileType::RegularFile, 1));
+        assert_eq!(
+            fs.do_getattr(INodeNo(1)).expect("root").kind,
+            FileType::Directory
+        );
+        assert!(fs.do_getattr(INodeNo(99)).is_err());
+        assert!(fs.do_getattr(INodeNo(u64::MAX)).is_err());
+        assert_eq!(
+            time(-1, 5),
+            UNIX_EPOCH - Duration::from_secs(1) + Duration::from_nanos(5)
+        );
+        assert_eq!(time(2, 0), UNIX_EPOCH + Duration::from_secs(2));
+        assert_eq!(
+            fs.do_lookup(INodeNo(1), OsStr::new("missing"))
+                .expect("lookup"),
+            None
+        );
+        assert_eq!(
+            fs.do_lookup(INodeNo(2), OsStr::new("x"))
+                .unwrap_err()
+                .errno(),
+            Errno::ENOTDIR
+        );
+    }
+}

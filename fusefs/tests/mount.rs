@@ -1,0 +1,705 @@
+//! Mount real images with the `cimg-mount` binary and check them through the kernel.
+//!
+//! Needs `/dev/fuse` and the right to mount (root, or fusermount3). Without `/dev/fuse` the
+//! tests are skipped with a message, unless `CI=true`, where that is a failure.
+
+use cimg_format::{Image, PackOptions, pack_dir};
+use std::collections::BTreeMap;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cimg-mount");
+const EROFS: i32 = 30;
+const EIO: i32 = 5;
+
+fn fuse_available() -> bool {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("/dev/fuse is not usable ({e}) and CI=true: FUSE tests cannot be skipped");
+            }
+            eprintln!("skipping: /dev/fuse is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// xorshift64*: reproducible bytes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Compressible text.
+    fn text(&mut self, n: usize) -> Vec<u8> {
+        let words: [&[u8]; 6] = [
+            b"alpha ", b"beta ", b"gamma\n", b"delta ", b"eps ", b"zeta ",
+        ];
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(words[self.below(6) as usize]);
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    fs::write(path, data).expect("write");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn set_mtime(path: &Path, secs: u64, nanos: u32) {
+    let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+    File::open(path)
+        .and_then(|f| f.set_times(FileTimes::new().set_modified(t).set_accessed(t)))
+        .expect("set mtime");
+}
+
+/// Build the source tree; returns whether xattrs could be set on it.
+fn build_tree(root: &Path) -> bool {
+    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    fs::create_dir_all(root.join("sub/deeper")).expect("mkdir");
+    fs::create_dir_all(root.join("many")).expect("mkdir");
+    fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
+    write(&root.join("empty"), b"", 0o644);
+    write(&root.join("small.txt"), b"hello\n", 0o644);
+    write(&root.join("page"), &r.bytes(4095), 0o600);
+    write(&root.join("exact"), &r.text(128 << 10), 0o644);
+    let mut multi = r.text(200_000);
+    multi.extend(r.bytes(200_017));
+    write(&root.join("multi"), &multi, 0o755);
+    let mut big = Vec::new();
+    for i in 0..26 {
+        match i % 3 {
+            0 => big.extend(r.bytes(128 << 10)),
+            1 => big.extend(r.text(128 << 10)),
+            _ => big.extend(std::iter::repeat_n(0u8, 128 << 10)),
+        }
+    }
+    big.extend(r.bytes(5));
+    write(&root.join("big"), &big, 0o644);
+    {
+        let f = File::create(root.join("sparse")).expect("sparse");
+        f.set_len(3 << 20).expect("set_len");
+        f.write_all_at(b"tail", (3 << 20) - 4).expect("write tail");
+    }
+    write(&root.join("setuid"), b"#!/bin/sh\n", 0o4755);
+    write(&root.join("sub/deeper/leaf"), &r.text(70_000), 0o640);
+    write(&root.join("sub/a b"), b"space", 0o644);
+    fs::hard_link(root.join("multi"), root.join("sub/multi-link")).expect("hard link");
+    for i in 0..300 {
+        let n = r.below(5000) as usize;
+        write(&root.join(format!("many/f{i:03}")), &r.text(n), 0o644);
+    }
+    symlink("small.txt", root.join("rel-link")).expect("symlink");
+    symlink("/etc/passwd", root.join("abs-link")).expect("symlink");
+    symlink("nope/nothing", root.join("dangling")).expect("symlink");
+    symlink("sub", root.join("dir-link")).expect("symlink");
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .expect("mkfifo");
+
+    // A device node, when allowed (root).
+    let _ = nix::sys::stat::mknod(
+        &root.join("null-dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    );
+    let xattrs = xattr::set(root.join("small.txt"), "user.a", b"1").is_ok();
+    if xattrs {
+        xattr::set(root.join("small.txt"), "user.empty", b"").expect("xattr");
+        xattr::set(root.join("small.txt"), "user.big", &r.bytes(1000)).expect("xattr");
+        xattr::set(root.join("sub"), "user.dir", b"on a directory").expect("xattr");
+    } else {
+        eprintln!("note: the temp filesystem has no user xattrs; not comparing xattrs");
+    }
+
+    // mtimes last, deepest first, with nanoseconds.
+    let mut k = 0u32;
+    for p in [
+        "empty",
+        "small.txt",
+        "page",
+        "exact",
+        "multi",
+        "big",
+        "sparse",
+        "setuid",
+        "sub/deeper/leaf",
+        "sub/a b",
+    ] {
+        k += 1;
+        set_mtime(
+            &root.join(p),
+            1_600_000_000 + u64::from(k) * 1000,
+            k * 123_457,
+        );
+    }
+    for d in ["sub/deeper", "sub", "many", "empty-dir", ""] {
+        k += 1;
+        set_mtime(&root.join(d), 1_500_000_000 + u64::from(k), k * 7);
+    }
+    xattrs
+}
+
+fn pack(src: &Path, img: &Path, block_log: u8) {
+    let opts = PackOptions {
+        block_log,
+        threads: 4,
+        ..PackOptions::default()
+    };
+    pack_dir(src, img, &opts, &|_, _| {}).expect("pack");
+}
+
+fn dev(p: &Path) -> u64 {
+    fs::metadata(p).expect("stat").dev()
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let dir = dir.to_str().expect("utf-8 path");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+/// Unmounts (lazily) on drop if a test failed while mounted.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn unmount(self) {
+        let st = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .expect("umount");
+        assert!(st.success(), "umount {}", self.0.display());
+        assert!(!is_mounted(&self.0), "still mounted after umount");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn mount(img: &Path, mnt: &Path, extra: &[&str]) -> Mounted {
+    fs::create_dir_all(mnt).expect("mkdir mnt");
+    let parent_dev = dev(mnt);
+    let st = Command::new(BIN)
+        .arg(img)
+        .arg(mnt)
+        .args(extra)
+        .status()
+        .expect("run cimg-mount");
+    assert!(st.success(), "cimg-mount failed: {st}");
+    // The default mode returns once the mount answers.
+    assert_ne!(dev(mnt), parent_dev, "cimg-mount returned before mounting");
+    assert!(is_mounted(mnt));
+    Mounted(mnt.to_path_buf())
+}
+
+fn mtime(m: &fs::Metadata) -> (i64, i64) {
+    (m.mtime(), m.mtime_nsec())
+}
+
+fn sorted_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    xattr::list(p)
+        .expect("listxattr")
+        .filter(|k| k.to_string_lossy().starts_with("user."))
+        .map(|k| {
+            let v = xattr::get(p, &k)
+                .expect("getxattr")
+                .expect("listed xattr exists");
+            (k.to_string_lossy().into_owned(), v)
+        })
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    fs::read_dir(dir)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().as_bytes().to_vec())
+        .collect()
+}
+
+/// Compare the mounted tree with its source, recursively; returns the files compared.
+type Links = std::collections::HashMap<(u64, u64), u64>;
+
+/// How many names each (device, inode) has inside the tree at `root`: the link count an
+/// image of that tree records (links from outside the tree do not count).
+fn links_in_tree(root: &Path, out: &mut Links) {
+    for e in fs::read_dir(root).expect("readdir") {
+        let e = e.expect("entry");
+        let m = e.metadata().expect("lstat");
+        if m.is_dir() {
+            links_in_tree(&e.path(), out);
+        } else {
+            *out.entry((m.dev(), m.ino())).or_default() += 1;
+        }
+    }
+}
+
+/// A mounted file's path and its expected content.
+type FileData = (PathBuf, Arc<Vec<u8>>);
+
+/// With `files` set, the regular files' paths and contents are collected there.
+fn compare(
+    src: &Path,
+    mnt: &Path,
+    xattrs: bool,
+    links: &Links,
+    mut files: Option<&mut Vec<FileData>>,
+) {
+    let mut want = names(src);
+    want.sort();
+    let got = names(mnt);
+    assert_eq!(got, want, "entries of {}", mnt.display());
+    assert_eq!(
+        names(mnt),
+        got,
+        "readdir order of {} is stable",
+        mnt.display()
+    );
+    use std::os::unix::ffi::OsStrExt;
+    for n in want {
+        let name = std::ffi::OsStr::from_bytes(&n);
+        let (s, m) = (src.join(name), mnt.join(name));
+        let sm = fs::symlink_metadata(&s).expect("lstat src");
+        let mm = fs::symlink_metadata(&m).expect("lstat mnt");
+        let what = m.display();
+        assert_eq!(sm.file_type(), mm.file_type(), "type of {what}");
+        assert_eq!(sm.mode(), mm.mode(), "mode of {what}");
+        assert_eq!(
+            (sm.uid(), sm.gid()),
+            (mm.uid(), mm.gid()),
+            "owner of {what}"
+        );
+        assert_eq!(sm.rdev(), mm.rdev(), "rdev of {what}");
+        if !sm.is_symlink() {
+            assert_eq!(mtime(&sm), mtime(&mm), "mtime of {what}");
+        }
+        if sm.is_dir() {
+            if xattrs {
+                assert_eq!(sorted_xattrs(&s), sorted_xattrs(&m), "xattrs of {what}");
+            }
+            compare(&s, &m, xattrs, links, files.as_deref_mut());
+            continue;
+        }
+        let want = links.get(&(sm.dev(), sm.ino())).copied().unwrap_or(1);
+        assert_eq!(want, mm.nlink(), "nlink of {what}");
+        if sm.is_symlink() {
+            assert_eq!(sm.len(), mm.len(), "size of {what}");
+            assert_eq!(
+                fs::read_link(&s).ok(),
+                fs::read_link(&m).ok(),
+                "target of {what}"
+            );
+        } else if sm.is_file() {
+            assert_eq!(sm.len(), mm.len(), "size of {what}");
+            let data = fs::read(&s).expect("read src");
+            assert!(fs::read(&m).expect("read mnt") == data, "content of {what}");
+            if xattrs {
+                assert_eq!(sorted_xattrs(&s), sorted_xattrs(&m), "xattrs of {what}");
+            }
+            if let Some(files) = files.as_deref_mut() {
+                files.push((m, Arc::new(data)));
+            }
+        }
+    }
+}
+
+#[test]
+fn mounted_tree_matches_source() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    let xattrs = build_tree(&src);
+    pack(&src, &img, 17);
+    let m = mount(&img, &mnt, &["--threads", "4", "--cache-size", "2M"]);
+
+    let root_s = fs::metadata(&src).expect("stat");
+    let root_m = fs::metadata(&mnt).expect("stat");
+    assert_eq!(root_s.mode(), root_m.mode());
+    assert_eq!(mtime(&root_s), mtime(&root_m));
+
+    let mut files = Vec::new();
+    let mut links = Links::new();
+    links_in_tree(&src, &mut links);
+    compare(&src, &mnt, xattrs, &links, Some(&mut files));
+    assert!(files.len() > 300);
+
+    // Hard links share an inode.
+    let a = fs::metadata(mnt.join("multi")).expect("stat");
+    let b = fs::metadata(mnt.join("sub/multi-link")).expect("stat");
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+
+    // Through symlinks, and xattr probes.
+    assert_eq!(fs::read(mnt.join("dir-link/a b")).expect("read"), b"space");
+    if xattrs {
+        assert_eq!(
+            xattr::get(mnt.join("small.txt"), "user.missing").expect("getxattr"),
+            None
+        );
+        assert_eq!(
+            xattr::get(mnt.join("small.txt"), "user.empty").expect("getxattr"),
+            Some(Vec::new())
+        );
+    }
+
+    // Missing names, twice (the second from the kernel's negative entry).
+    for _ in 0..2 {
+        let e = fs::metadata(mnt.join("no-such-file")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+    assert_eq!(
+        fs::metadata(mnt.join("small.txt/x"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(20) // ENOTDIR
+    );
+
+    // Every write is refused.
+    let erofs = |r: std::io::Result<()>| {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(EROFS));
+    };
+    erofs(File::create(mnt.join("new")).map(drop));
+    erofs(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("small.txt"))
+            .map(drop),
+    );
+    erofs(fs::create_dir(mnt.join("newdir")));
+    erofs(fs::remove_file(mnt.join("small.txt")));
+    erofs(fs::rename(mnt.join("small.txt"), mnt.join("moved")));
+    erofs(symlink("x", mnt.join("newlink")));
+    erofs(fs::set_permissions(
+        mnt.join("small.txt"),
+        fs::Permissions::from_mode(0o777),
+    ));
+    if xattrs {
+        erofs(xattr::set(mnt.join("small.txt"), "user.new", b"v"));
+    }
+
+    // 16 threads of random reads of random files (the cache is small: 2 MiB, so blocks are
+    // evicted and reloaded while other threads read them).
+    let files = Arc::new(files);
+    let threads: Vec<_> = (0..16u64)
+        .map(|t| {
+            let files = files.clone();
+            std::thread::spawn(move || {
+                let mut r = Rng(0x1234_5678 + t * 0x9E37_79B9);
+                for _ in 0..400 {
+                    let (path, data) = &files[r.below(files.len() as u64) as usize];
+                    let f = File::open(path).expect("open");
+                    let off = r.below(data.len() as u64 + 10) as usize;
+                    let len = r.below(300 << 10) as usize;
+                    let mut buf = vec![0u8; len];
+                    let mut got = 0;
+                    loop {
+                        let n = f
+                            .read_at(&mut buf[got..], (off + got) as u64)
+                            .expect("read_at");
+                        if n == 0 {
+                            break;
+                        }
+                        got += n;
+                        if got == len {
+                            break;
+                        }
+                    }
+                    let want = &data[off.min(data.len())..(off + len).min(data.len())];
+                    assert!(
+                        &buf[..got] == want,
+                        "{} at {off}+{len}: wrong bytes",
+                        path.display()
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader thread");
+    }
+
+    m.unmount();
+    assert_eq!(dev(&mnt), dev(tmp.path()));
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_child(child: &mut Child) -> std::process::ExitStatus {
+    let mut st = None;
+    wait_until("server exit", || {
+        st = child.try_wait().expect("try_wait");
+        st.is_some()
+    });
+    st.expect("exit status")
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    fs::write(src.join("f"), b"data").expect("write");
+    pack(&src, &img, 12);
+    let d0 = dev(&mnt);
+    let mut child = Command::new(BIN)
+        .arg(&img)
+        .arg(&mnt)
+        .arg("--foreground")
+        .spawn()
+        .expect("spawn");
+    let guard = Mounted(mnt.clone());
+    wait_until("mount", || dev(&mnt) != d0);
+    assert_eq!(fs::read(mnt.join("f")).expect("read"), b"data");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    let st = wait_child(&mut child);
+    assert!(st.success(), "server exit status {st}");
+    assert!(!is_mounted(&mnt));
+    assert_eq!(dev(&mnt), d0);
+    std::mem::forget(guard);
+
+    // External unmount ends the server too.
+    let mut child = Command::new(BIN)
+        .arg(&img)
+        .arg(&mnt)
+        .arg("--foreground")
+        .spawn()
+        .expect("spawn");
+    let guard = Mounted(mnt.clone());
+    wait_until("mount", || dev(&mnt) != d0);
+    guard.unmount();
+    let st = wait_child(&mut child);
+    assert!(st.success(), "server exit status {st}");
+}
+
+#[test]
+fn bad_image_errors() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let not_image = tmp.path().join("not-an-image");
+    fs::write(&not_image, b"hello").expect("write");
+    let out = Command::new(BIN)
+        .arg(&not_image)
+        .arg(&mnt)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("cimg-mount: "), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn corrupt_block_and_truncated_image_give_eio() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    fs::create_dir_all(&src).expect("mkdir");
+    let mut r = Rng(77);
+    let (a, b, c) = (r.bytes(300_000), r.text(300_000), r.bytes(300_000));
+    fs::write(src.join("a"), &a).expect("write");
+    fs::write(src.join("b"), &b).expect("write");
+    fs::write(src.join("c"), &c).expect("write");
+    pack(&src, &img, 16);
+
+    // Flip one byte in a's second block.
+    let (off, c_off) = {
+        let im = Image::open(&img).expect("open image");
+        let ino = im.resolve(b"a").expect("resolve");
+        let blk = im
+            .extent_at(ino, 70_000)
+            .expect("extent")
+            .and_then(|e| e.block)
+            .expect("a block");
+        let c_ino = im.resolve(b"c").expect("resolve");
+        let c_blk = im
+            .extent_at(c_ino, 0)
+            .expect("extent")
+            .and_then(|e| e.block)
+            .expect("c block");
+        (
+            im.block_info(blk).expect("block").0,
+            im.block_info(c_blk).expect("block").0,
+        )
+    };
+    {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .expect("open");
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, off + 10).expect("read");
+        f.write_all_at(&[byte[0] ^ 0x55], off + 10).expect("write");
+    }
+    let log = tmp.path().join("log");
+    let m = mount(&img, &mnt, &["--log", log.to_str().expect("utf-8")]);
+    // The first block of a reads; the corrupt one gives EIO, every time.
+    let fa = File::open(mnt.join("a")).expect("open");
+    let mut buf = vec![0u8; 4096];
+    fa.read_exact_at(&mut buf, 0).expect("first block of a");
+    assert_eq!(&buf[..], &a[..4096]);
+    for _ in 0..2 {
+        let e = fs::read(mnt.join("a")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(EIO), "{e}");
+    }
+    // Everything else still reads.
+    assert!(fs::read(mnt.join("b")).expect("read b") == b);
+    assert_eq!(
+        fs::metadata(mnt.join("a")).expect("stat a").len(),
+        a.len() as u64
+    );
+
+    // Truncate the image under the mount: c (never read) gives EIO, b (cached) still reads.
+    File::options()
+        .write(true)
+        .open(&img)
+        .and_then(|f| f.set_len(c_off))
+        .expect("truncate");
+    let e = fs::read(mnt.join("c")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(EIO), "{e}");
+    assert!(fs::read(mnt.join("b")).expect("read b again") == b);
+    drop(fa);
+    m.unmount();
+    // One line per bad block, naming the block and the file.
+    let log = fs::read_to_string(&log).expect("log");
+    let lines: Vec<_> = log.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("cimg-mount: ") && l.contains("/a")),
+        "{log}"
+    );
+    assert!(lines.len() <= 3, "{log}");
+}
+
+/// The host's `/usr`, packed and compared whole through the kernel. Slow (it reads `/usr`
+/// three times): run with `cargo test -p cimg-fuse --test mount -- --ignored`.
+#[test]
+#[ignore = "packs and compares the host's /usr; slow"]
+fn host_usr_matches_source() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (img, mnt) = (tmp.path().join("usr.cimg"), tmp.path().join("mnt"));
+    let opts = PackOptions {
+        level: 1,
+        ..PackOptions::default()
+    };
+    pack_dir(Path::new("/usr"), &img, &opts, &|_, _| {}).expect("pack /usr");
+    let m = mount(&img, &mnt, &[]);
+    let mut links = Links::new();
+    links_in_tree(Path::new("/usr"), &mut links);
+    compare(Path::new("/usr"), &mnt, true, &links, None);
+    m.unmount();
+}
+
+#[test]
+fn record_hot_lists_first_reads_and_packs_hot() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    let mut r = Rng(5);
+    for n in ["a", "b", "c", "d/e", "unread"] {
+        fs::write(src.join(n), r.text(200_000)).expect("write");
+    }
+    pack(&src, &img, 16);
+    let hot = tmp.path().join("hot.txt");
+    let m = mount(&img, &mnt, &["--record-hot", hot.to_str().expect("utf-8")]);
+    for n in ["d/e", "c", "a", "c", "b"] {
+        assert!(fs::read(mnt.join(n)).expect("read") == fs::read(src.join(n)).expect("read"));
+    }
+    fs::metadata(mnt.join("unread")).expect("stat only");
+    m.unmount();
+    // The server writes the list as it stops, just after the unmount.
+    wait_until("hot list written", || hot.exists());
+    let list = fs::read(&hot).expect("hot list");
+    assert_eq!(String::from_utf8_lossy(&list), "/d/e\n/c\n/a\n/b\n");
+
+    // `pack --hot` takes it, and a mount of the result prefetches the hot blocks.
+    let img2 = tmp.path().join("hot.cimg");
+    let opts = PackOptions {
+        block_log: 16,
+        hot: cimg_format::writer::parse_hot_list(&list),
+        ..PackOptions::default()
+    };
+    pack_dir(&src, &img2, &opts, &|_, _| {}).expect("pack --hot");
+    assert!(Image::open(&img2).expect("open").summary().hot_blocks > 0);
+    let m = mount(&img2, &mnt, &[]);
+    for n in ["a", "b", "c", "d/e", "unread"] {
+        assert!(fs::read(mnt.join(n)).expect("read") == fs::read(src.join(n)).expect("read"));
+    }
+    m.unmount();
+}
