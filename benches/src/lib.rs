@@ -1,8 +1,9 @@
 //! cimg-benches: benchmarks of cimg against its peers (mksquashfs, squashfuse, kernel squashfs,
 //! Charliecloud), and helpers shared by the benchmark binaries.
 //!
-//! The binaries are `pack-bench` (cimg pack vs mksquashfs: time, size, peak memory) and
-//! `pack-mem` (peak memory of `cimg pack` on a synthetic ~1 GB tree). See `README.md`.
+//! The binaries are `pack-bench` (cimg pack vs mksquashfs: time, size, peak memory), `pack-mem`
+//! (peak memory of `cimg pack` on a synthetic ~1 GB tree) and `fuse-bench` (cimg-mount vs
+//! squashfuse_ll vs kernel squashfs: mount time, walks, reads, daemon RSS). See `README.md`.
 //!
 //! # Measuring a child
 //!
@@ -322,6 +323,104 @@ impl Prng {
         let x = self.next_u64().to_le_bytes();
         let n = rest.len();
         rest.copy_from_slice(&x[..n]);
+    }
+}
+
+/// Deterministic synthetic file content: text-like (lines of words with a skewed vocabulary),
+/// binary-like (code-like opcode runs, zero runs, random runs) and random bytes, from a
+/// [`Prng`] whose seed fixes every byte.
+#[derive(Debug, Clone)]
+pub struct Synth {
+    /// The generator's PRNG, also usable for other choices (sizes, kinds) so that one seed
+    /// determines a whole tree.
+    pub rng: Prng,
+    words: Vec<Vec<u8>>,
+    opcodes: Vec<[u8; 4]>,
+}
+
+impl Synth {
+    pub fn new(seed: u64) -> Self {
+        let mut rng = Prng::new(seed);
+        let words = (0..4000)
+            .map(|_| {
+                let len = rng.range(1, 10) as usize;
+                (0..len)
+                    .map(|_| {
+                        b"etaoinshrdlucmfwypvbgkjqxz"[rng.below(26).min(rng.below(26)) as usize]
+                    })
+                    .collect()
+            })
+            .collect();
+        let opcodes = (0..256)
+            .map(|_| (rng.next_u64() as u32).to_le_bytes())
+            .collect();
+        Synth {
+            rng,
+            words,
+            opcodes,
+        }
+    }
+
+    /// Appends text-like bytes (lines of words, Zipf-ish word choice) until `buf` holds `n` bytes.
+    pub fn text(&mut self, buf: &mut Vec<u8>, n: usize) {
+        while buf.len() < n {
+            let indent = self.rng.below(4) as usize * 4;
+            buf.extend(std::iter::repeat_n(b' ', indent));
+            for w in 0..self.rng.range(3, 14) {
+                if w > 0 {
+                    buf.push(b' ');
+                }
+                let i = if self.rng.chance(0.7) {
+                    self.rng.below(100)
+                } else {
+                    self.rng.below(4000)
+                } as usize;
+                buf.extend_from_slice(&self.words[i]);
+            }
+            buf.extend_from_slice(if self.rng.chance(0.3) { b";\n" } else { b"\n" });
+        }
+        buf.truncate(n);
+    }
+
+    /// Appends binary-like bytes (code-like opcode runs, zero runs, random runs) until `buf` holds
+    /// `n` bytes.
+    pub fn binary(&mut self, buf: &mut Vec<u8>, n: usize) {
+        while buf.len() < n {
+            match self.rng.below(10) {
+                0 | 1 => {
+                    let len = self.rng.range(16, 2048) as usize;
+                    buf.resize(buf.len() + len, 0);
+                }
+                2 => {
+                    let at = buf.len();
+                    let len = self.rng.range(16, 512) as usize;
+                    buf.resize(at + len, 0);
+                    self.rng.fill(&mut buf[at..]);
+                }
+                _ => {
+                    for _ in 0..self.rng.range(8, 256) {
+                        let i = if self.rng.chance(0.7) {
+                            self.rng.below(16)
+                        } else {
+                            self.rng.below(256)
+                        };
+                        buf.extend_from_slice(&self.opcodes[i as usize]);
+                        if self.rng.chance(0.2) {
+                            let imm = (self.rng.below(4096) as u32).to_le_bytes();
+                            buf.extend_from_slice(&imm);
+                        }
+                    }
+                }
+            }
+        }
+        buf.truncate(n);
+    }
+
+    /// Appends random (incompressible) bytes until `buf` holds `n` bytes.
+    pub fn random(&mut self, buf: &mut Vec<u8>, n: usize) {
+        let at = buf.len().min(n);
+        buf.resize(n, 0);
+        self.rng.fill(&mut buf[at..]);
     }
 }
 

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::{
-    Prng, cimg_binary, command_line, file_size, human_bytes, measure, parse_size, read_tree,
+    Synth, cimg_binary, command_line, file_size, human_bytes, measure, parse_size, read_tree,
 };
 use clap::Parser;
 use serde::Serialize;
@@ -150,9 +150,7 @@ enum Kind {
 
 struct Gen {
     root: PathBuf,
-    rng: Prng,
-    words: Vec<Vec<u8>>,
-    opcodes: Vec<[u8; 4]>,
+    synth: Synth,
     /// Generated (not duplicated) files and their sizes.
     files: Vec<(PathBuf, u64)>,
     total: u64,
@@ -166,25 +164,9 @@ const CHUNK: usize = 256 << 10;
 
 impl Gen {
     fn new(root: &Path, seed: u64) -> Self {
-        let mut rng = Prng::new(seed);
-        let words = (0..4000)
-            .map(|_| {
-                let len = rng.range(1, 10) as usize;
-                (0..len)
-                    .map(|_| {
-                        b"etaoinshrdlucmfwypvbgkjqxz"[rng.below(26).min(rng.below(26)) as usize]
-                    })
-                    .collect()
-            })
-            .collect();
-        let opcodes = (0..256)
-            .map(|_| (rng.next_u64() as u32).to_le_bytes())
-            .collect();
         Gen {
             root: root.to_path_buf(),
-            rng,
-            words,
-            opcodes,
+            synth: Synth::new(seed),
             files: vec![],
             total: 0,
             dups: 0,
@@ -192,62 +174,6 @@ impl Gen {
             symlinks: 0,
             buf: Vec::with_capacity(CHUNK + 4096),
         }
-    }
-
-    /// Appends text-like bytes (lines of words, Zipf-ish word choice) until `buf` holds `n` bytes.
-    fn text(&mut self, n: usize) {
-        while self.buf.len() < n {
-            let indent = self.rng.below(4) as usize * 4;
-            self.buf.extend(std::iter::repeat_n(b' ', indent));
-            for w in 0..self.rng.range(3, 14) {
-                if w > 0 {
-                    self.buf.push(b' ');
-                }
-                let i = if self.rng.chance(0.7) {
-                    self.rng.below(100)
-                } else {
-                    self.rng.below(4000)
-                } as usize;
-                self.buf.extend_from_slice(&self.words[i]);
-            }
-            self.buf
-                .extend_from_slice(if self.rng.chance(0.3) { b";\n" } else { b"\n" });
-        }
-        self.buf.truncate(n);
-    }
-
-    /// Appends binary-like bytes (code-like opcode runs, zero runs, random runs) up to `n` bytes.
-    fn binary(&mut self, n: usize) {
-        while self.buf.len() < n {
-            match self.rng.below(10) {
-                0 | 1 => {
-                    let len = self.rng.range(16, 2048) as usize;
-                    self.buf.resize(self.buf.len() + len, 0);
-                }
-                2 => {
-                    let at = self.buf.len();
-                    let len = self.rng.range(16, 512) as usize;
-                    self.buf.resize(at + len, 0);
-                    self.rng.fill(&mut self.buf[at..]);
-                }
-                _ => {
-                    for _ in 0..self.rng.range(8, 256) {
-                        let i = if self.rng.chance(0.7) {
-                            self.rng.below(16)
-                        } else {
-                            self.rng.below(256)
-                        };
-                        let op = self.opcodes[i as usize];
-                        self.buf.extend_from_slice(&op);
-                        if self.rng.chance(0.2) {
-                            let imm = (self.rng.below(4096) as u32).to_le_bytes();
-                            self.buf.extend_from_slice(&imm);
-                        }
-                    }
-                }
-            }
-        }
-        self.buf.truncate(n);
     }
 
     fn write_file(&mut self, path: PathBuf, size: u64, kind: Kind) -> Result<()> {
@@ -261,12 +187,9 @@ impl Gen {
             let n = left.min(CHUNK as u64) as usize;
             self.buf.clear();
             match kind {
-                Kind::Text => self.text(n),
-                Kind::Binary => self.binary(n),
-                Kind::Random => {
-                    self.buf.resize(n, 0);
-                    self.rng.fill(&mut self.buf);
-                }
+                Kind::Text => self.synth.text(&mut self.buf, n),
+                Kind::Binary => self.synth.binary(&mut self.buf, n),
+                Kind::Random => self.synth.random(&mut self.buf, n),
             }
             f.write_all(&self.buf)?;
             left -= n as u64;
@@ -281,6 +204,7 @@ impl Gen {
         let mut i = 0;
         while self.total < size * 40 / 100 {
             let sz = self
+                .synth
                 .rng
                 .range(2 << 20, 48 << 20)
                 .min(size * 40 / 100 - self.total)
@@ -298,13 +222,13 @@ impl Gen {
         // 3 levels deep.
         let mut j = 0u64;
         while self.total < size * 85 / 100 {
-            let (lo, top) = if self.rng.chance(0.97) {
-                (6, self.rng.range(7, 16))
+            let (lo, top) = if self.synth.rng.chance(0.97) {
+                (6, self.synth.rng.range(7, 16))
             } else {
-                (16, self.rng.range(17, 20))
+                (16, self.synth.rng.range(17, 20))
             };
-            let sz = self.rng.range(1 << lo, 1 << top);
-            let r = self.rng.below(10);
+            let sz = self.synth.rng.range(1 << lo, 1 << top);
+            let r = self.synth.rng.below(10);
             let (kind, ext) = match r {
                 0..=4 => (Kind::Text, "txt"),
                 5..=8 => (Kind::Binary, "bin"),
@@ -330,7 +254,7 @@ impl Gen {
         std::fs::create_dir_all(self.root.join("dup"))?;
         let generated = self.files.len() as u64;
         while self.total < size {
-            let (src, sz) = self.files[self.rng.below(generated) as usize].clone();
+            let (src, sz) = self.files[self.synth.rng.below(generated) as usize].clone();
             let dst = self.root.join(format!(
                 "dup/c{:05}-{}",
                 self.dups,
@@ -344,12 +268,12 @@ impl Gen {
         // Hard links and symlinks (no extra content).
         std::fs::create_dir_all(self.root.join("links"))?;
         for k in 0..100 {
-            let (src, _) = &self.files[self.rng.below(generated) as usize];
+            let (src, _) = &self.files[self.synth.rng.below(generated) as usize];
             std::fs::hard_link(src, self.root.join(format!("links/h{k:03}")))?;
             self.hardlinks += 1;
         }
         for k in 0..1000 {
-            let (src, _) = &self.files[self.rng.below(generated) as usize];
+            let (src, _) = &self.files[self.synth.rng.below(generated) as usize];
             let rel = src.strip_prefix(&self.root).unwrap_or(src);
             std::os::unix::fs::symlink(
                 Path::new("..").join(rel),
