@@ -1,9 +1,11 @@
 //! cimg-format: the `.cimg` image format — its on-disk layout ([`layout`], specified in
 //! `FORMAT.md`), the writer that packs a tree into one file ([`writer`]), the validating reader
-//! ([`reader`]) and unpacking back to a directory ([`unpack`]).
+//! ([`reader`]), unpacking back to a directory ([`unpack`]) and importers of tar archives,
+//! `docker save` archives and OCI layouts ([`import`]).
 //!
 //! This crate knows nothing of FUSE or namespaces; the FUSE driver and the launcher build on it.
 
+pub mod import;
 pub mod layout;
 pub mod reader;
 pub mod units;

@@ -128,6 +128,33 @@ struct Inner {
     blksize: u32,
     /// Bad blocks already logged.
     logged: Mutex<HashSet<u32>>,
+    /// Where freshly decompressed blocks go to be pushed into the kernel's page cache
+    /// (see [`StoreJob`]); unset until the session exists.
+    store: std::sync::OnceLock<Sender<StoreJob>>,
+}
+
+/// The rest of a freshly decompressed block, to push into the kernel's page cache for
+/// `ino` with FUSE_NOTIFY_STORE, as the kernel's own squashfs fills the page cache with a
+/// whole block on the first read of any page of it. Later small reads of that block (random
+/// 4 KiB reads, say) are then answered by the kernel without a FUSE round trip. Sent from a
+/// thread of its own: a store can wait on a page that an in-flight read holds locked, and
+/// must never hold up the threads that answer reads.
+pub struct StoreJob {
+    ino: u32,
+    file_offset: u64,
+    block: Arc<Block>,
+    start: usize,
+    len: usize,
+}
+
+/// Push [`StoreJob`]s into the kernel's page cache until the filesystem is dropped.
+pub fn store_loop(notifier: &fuser::Notifier, jobs: &Receiver<StoreJob>) {
+    for j in jobs {
+        if let Some(data) = j.block.get(j.start..j.start + j.len) {
+            // A failure (inode evicted meanwhile, old kernel) only costs the optimisation.
+            let _ = notifier.store(fuser::INodeNo(j.ino as u64), j.file_offset, data);
+        }
+    }
 }
 
 impl Inner {
@@ -237,8 +264,24 @@ impl Inner {
             match ext.block {
                 None => out(&vec![0; n]),
                 Some(b) => {
+                    let fresh = !self.cache.is_ready(b);
                     let data = self.block(b, Some(ino))?;
                     out(slice(&data, b, ext.block_offset as usize + within, n)?);
+                    // A read of part of a block just decompressed: give the kernel the rest
+                    // of this file's bytes in it. Never past the end of the file (a store
+                    // there would grow the file in the kernel's eyes): the extent stops at it.
+                    if fresh
+                        && n < ext.len as usize
+                        && let Some(tx) = self.store.get()
+                    {
+                        let _ = tx.try_send(StoreJob {
+                            ino,
+                            file_offset: ext.file_offset,
+                            block: data,
+                            start: ext.block_offset as usize,
+                            len: ext.len as usize,
+                        });
+                    }
                 }
             }
             return Ok(());
@@ -463,6 +506,7 @@ impl CimgFs {
             cache: BlockCache::new(opts.cache_size),
             blksize,
             logged: Mutex::new(HashSet::new()),
+            store: std::sync::OnceLock::new(),
         });
         let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
@@ -487,6 +531,12 @@ impl CimgFs {
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
         }
+    }
+
+    /// Send freshly decompressed blocks to `tx`, for [`store_loop`] to push into the kernel's
+    /// page cache. Returns false if already set.
+    pub fn set_store(&self, tx: Sender<StoreJob>) -> bool {
+        self.inner.store.set(tx).is_ok()
     }
 
     /// The image served.

@@ -91,11 +91,16 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Blocks waiting to be pushed into the page cache; when full, pushes are skipped.
+const STORE_QUEUE: usize = 64;
+
 /// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
 /// done when this returns; requests are answered once the server runs.
 pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
     let img = cimg_format::Image::open(image)?;
     let fs = CimgFs::new(img, opts.fs.clone());
+    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
+    fs.set_store(store_tx);
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::RO,
@@ -113,6 +118,14 @@ pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Ser
         mountpoint: mountpoint.to_path_buf(),
         err,
     })?;
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("cimg-store".into())
+        .spawn(move || fs::store_loop(&notifier, &store_rx))
+        .map_err(|err| MountError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            err,
+        })?;
     Ok(Server {
         session,
         mountpoint: mountpoint.to_path_buf(),

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use cimg_format::reader::BlockCache;
 use cimg_format::units::{human_bytes as human, parse_size};
 use cimg_format::writer::{self, PackOptions};
-use cimg_format::{FileKind, Image};
+use cimg_format::{FileKind, Image, import};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
@@ -27,9 +27,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Pack a directory into an image.
+    /// Pack a directory, a tar archive (plain, gzip, zstd, xz), a `docker save` archive, an
+    /// OCI image layout (directory or oci-archive tar) or a SquashFS image into an image.
     Pack {
-        /// Source directory.
+        /// Source: a directory, an archive, an OCI layout, a .sqfs; `-` for standard input (a
+        /// redirected file, not a pipe: archives are read twice).
         src: PathBuf,
         /// Image file to write (replaced atomically when complete).
         out: PathBuf,
@@ -53,6 +55,16 @@ enum Cmd {
         /// Record every entry as owned by root (0:0).
         #[arg(long)]
         root_owned: bool,
+        /// Kind of source, instead of detecting it.
+        #[arg(long, value_parser = ["dir", "tar", "docker", "oci", "sqfs"])]
+        from: Option<String>,
+        /// Image to take when the source holds several: an OCI ref name
+        /// (org.opencontainers.image.ref.name) or a `docker save` repo tag.
+        #[arg(long = "ref")]
+        reference: Option<String>,
+        /// Platform os/arch[/variant] to take from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
         /// No progress bar or summary.
         #[arg(short, long)]
         quiet: bool,
@@ -147,6 +159,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             hot,
             order,
             root_owned,
+            from,
+            reference,
+            platform,
             quiet,
         } => {
             if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
@@ -172,13 +187,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 opts.hot = writer::parse_hot_list(&text);
             }
             let ctx = || format!("pack {}", src.display());
-            let tree = writer::scan_dir(&src, |_| {}).with_context(ctx)?;
+            let kind = match &from {
+                Some(f) => import::Kind::parse(f).context("pack: bad --from")?,
+                None => import::detect(&src).with_context(ctx)?,
+            };
             let pb = bar(quiet, 0, "packing");
-            let stats = writer::pack_tree(&tree, &out, &opts, &|done, total| {
+            let progress = |done, total| {
                 pb.set_length(total);
                 pb.set_position(done);
-            })
-            .with_context(ctx)?;
+            };
+            let stats = if kind == import::Kind::Dir {
+                let tree = writer::scan_dir(&src, |_| {}).with_context(ctx)?;
+                writer::pack_tree(&tree, &out, &opts, &progress).with_context(ctx)?
+            } else {
+                let io = import::ImportOptions {
+                    reference,
+                    platform: Some(platform),
+                };
+                import::pack(kind, &src, &out, &io, &opts, &progress).with_context(ctx)?
+            };
             pb.finish_and_clear();
             if !quiet {
                 eprintln!(

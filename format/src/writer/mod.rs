@@ -25,11 +25,11 @@ use crate::{Error, FileKind, Result};
 use pipeline::ordered_map;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
-pub use tree::{Node, NodeId, Tree, scan_dir};
+pub use tree::{Node, NodeId, Source, Tree, scan_dir};
 use zerocopy::IntoBytes;
 use zerocopy::little_endian::{I64, U16, U32, U64};
 
@@ -139,6 +139,8 @@ enum Item {
         chunk: u32,
         len: u32,
         hole: bool,
+        /// The bytes, for a stream-sourced file (read by the worker otherwise).
+        data: Option<Vec<u8>>,
     },
     /// End of the hot files.
     HotEnd,
@@ -220,9 +222,10 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usiz
     let mut order = Vec::new();
     let mut missing = 0;
     let primary = |id: NodeId| tree.node(id).link.unwrap_or(id);
+    let streamed = |id: NodeId| matches!(tree.node(id).source, Some(Source::Stream));
     for p in hot {
         match tree.find(p).map(primary) {
-            Some(id) if tree.node(id).kind == FileKind::File => {
+            Some(id) if tree.node(id).kind == FileKind::File && !streamed(id) => {
                 if !placed[id as usize] {
                     placed[id as usize] = true;
                     order.push(id);
@@ -234,7 +237,7 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usiz
     let hot_len = order.len();
     for id in tree.dfs() {
         let n = tree.node(id);
-        if n.kind == FileKind::File && n.link.is_none() && !placed[id as usize] {
+        if n.kind == FileKind::File && n.link.is_none() && !placed[id as usize] && !streamed(id) {
             placed[id as usize] = true;
             order.push(id);
         }
@@ -282,7 +285,7 @@ fn file_items(tree: &Tree, order_idx: u32, id: NodeId, bs: u64) -> Result<Vec<It
     let n = tree.node(id);
     let nchunks = n.size.div_ceil(bs);
     let ranges = match (&n.source, n.sparse) {
-        (Some(p), true) => Some(data_ranges(p, n.size)?),
+        (Some(Source::Path(p)), true) => Some(data_ranges(p, n.size)?),
         _ => None,
     };
     let mut items = Vec::with_capacity(nchunks as usize);
@@ -297,19 +300,45 @@ fn file_items(tree: &Tree, order_idx: u32, id: NodeId, bs: u64) -> Result<Vec<It
             chunk: k as u32,
             len: len as u32,
             hole,
+            data: None,
         });
     }
     Ok(items)
 }
 
 /// Pack `tree` into the image file `out`. The file is written under a temporary name beside
-/// `out` and renamed when complete; on error nothing is left behind.
+/// `out` and renamed when complete; on error nothing is left behind. Every regular file must
+/// have a [`Source::Path`] (or be empty); see [`pack_tree_with`] for streamed content.
 pub fn pack_tree(
     tree: &Tree,
     out: &Path,
     opts: &PackOptions,
     progress: Progress,
 ) -> Result<PackStats> {
+    pack_tree_with(tree, out, opts, progress, |_| Ok(()))
+}
+
+/// Receives the content of one stream-sourced file: `(node, reader)`; the reader must yield
+/// exactly the node's `size` bytes.
+pub type Sink<'a> = dyn FnMut(NodeId, &mut dyn Read) -> Result<()> + 'a;
+
+/// Like [`pack_tree`], for trees whose regular files may have [`Source::Stream`]: `feed` runs
+/// on a thread of its own and must call the sink once for every such file (for hard links,
+/// on the node that holds the inode, the one without `link`), in any order; that order is the
+/// layout order of their data, after all path-sourced files. Data moves through a bounded
+/// channel, so memory stays bounded. Hot-list entries naming streamed files are counted as
+/// missing (their data comes when the stream says). An error from `feed` or from the sink
+/// (short or long content, a node fed twice or not streamed) fails the pack.
+pub fn pack_tree_with<F>(
+    tree: &Tree,
+    out: &Path,
+    opts: &PackOptions,
+    progress: Progress,
+    feed: F,
+) -> Result<PackStats>
+where
+    F: FnOnce(&mut Sink<'_>) -> Result<()> + Send,
+{
     if !(layout::MIN_BLOCK_LOG..=layout::MAX_BLOCK_LOG).contains(&opts.block_log) {
         return Err(Error::Invalid(format!(
             "block size must be a power of two from 4 KiB to 1 MiB, not 2^{}",
@@ -341,7 +370,7 @@ pub fn pack_tree(
         keep: false,
     };
     let file = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-    let stats = write_image(tree, &file, &tmp.path, opts, progress)?;
+    let stats = write_image(tree, &file, &tmp.path, opts, progress, feed)?;
     drop(file);
     std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
     let mut tmp = tmp;
@@ -363,22 +392,54 @@ impl Drop for TempOut {
     }
 }
 
-fn write_image(
+fn is_streamed(n: &Node) -> bool {
+    n.kind == FileKind::File && n.link.is_none() && matches!(n.source, Some(Source::Stream))
+}
+
+/// Read until `buf` is full or the reader ends; the count read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn write_image<F>(
     tree: &Tree,
     file: &File,
     path: &Path,
     opts: &PackOptions,
     progress: Progress,
-) -> Result<PackStats> {
+    feed: F,
+) -> Result<PackStats>
+where
+    F: FnOnce(&mut Sink<'_>) -> Result<()> + Send,
+{
     let bs = 1u64 << opts.block_log;
     let threads = opts.threads.max(1);
-    let (order, hot_len, hot_missing) = data_order(tree, &opts.hot, opts.order == Order::Type);
-    let total: u64 = order.iter().map(|&id| tree.node(id).size).sum();
+    let (mut order, hot_len, hot_missing) = data_order(tree, &opts.hot, opts.order == Order::Type);
+    let path_files = order.len();
+    let n_stream = tree.nodes.iter().filter(|n| is_streamed(n)).count();
+    let total: u64 = order.iter().map(|&id| tree.node(id).size).sum::<u64>()
+        + tree
+            .nodes
+            .iter()
+            .filter(|n| is_streamed(n))
+            .map(|n| n.size)
+            .sum::<u64>();
+    let fed: Mutex<Vec<NodeId>> = Mutex::new(Vec::with_capacity(n_stream));
     let seen: RwLock<HashMap<u128, u32>> = RwLock::new(HashMap::new());
     let state = Mutex::new(SeqState {
         chunks: order
             .iter()
             .map(|&id| Vec::with_capacity(tree.node(id).size.div_ceil(bs) as usize))
+            .chain((0..n_stream).map(|_| Vec::new()))
             .collect(),
         frag_block: Vec::new(),
         next_block: 0,
@@ -394,57 +455,155 @@ fn write_image(
     let mut blocks: Vec<Block> = Vec::new();
 
     let write_result: Result<()> = std::thread::scope(|s| {
+        // Streamed files: their blocks come from the feeder through a bounded channel, after
+        // the path-sourced files' items.
+        let (data_tx, data_rx) = crossbeam_channel::bounded::<Result<Item>>(threads * 2);
+        if n_stream > 0 {
+            let fed = &fed;
+            s.spawn(move || {
+                let mut done = vec![false; tree.nodes.len()];
+                let mut next_file = path_files as u32;
+                let mut sink = |id: NodeId, r: &mut dyn Read| -> Result<()> {
+                    let name = || String::from_utf8_lossy(&tree.path_of(id)).into_owned();
+                    let n = tree
+                        .nodes
+                        .get(id as usize)
+                        .filter(|n| is_streamed(n))
+                        .ok_or_else(|| {
+                            Error::Invalid(format!("internal: node {id} fed but not streamed"))
+                        })?;
+                    if std::mem::replace(&mut done[id as usize], true) {
+                        return Err(Error::Invalid(format!("internal: {} fed twice", name())));
+                    }
+                    let file = next_file;
+                    next_file += 1;
+                    fed.lock()
+                        .map_err(|_| Error::Invalid("internal: lock".into()))?
+                        .push(id);
+                    for k in 0..n.size.div_ceil(bs) {
+                        let len = (n.size - k * bs).min(bs) as usize;
+                        let mut data = vec![0u8; len];
+                        let got = read_full(r, &mut data).map_err(|e| {
+                            Error::Invalid(format!("{}: reading content: {e}", name()))
+                        })?;
+                        if got < len {
+                            return Err(Error::Invalid(format!(
+                                "{}: content ended after {} of {} bytes",
+                                name(),
+                                k * bs + got as u64,
+                                n.size
+                            )));
+                        }
+                        let item = Item::Piece {
+                            file,
+                            chunk: k as u32,
+                            len: len as u32,
+                            hole: false,
+                            data: Some(data),
+                        };
+                        data_tx
+                            .send(Ok(item))
+                            .map_err(|_| Error::Invalid("packing stopped".into()))?;
+                    }
+                    let mut extra = [0u8; 1];
+                    if read_full(r, &mut extra).unwrap_or(0) > 0 {
+                        return Err(Error::Invalid(format!(
+                            "{}: content longer than its declared {} bytes",
+                            name(),
+                            n.size
+                        )));
+                    }
+                    Ok(())
+                };
+                let mut r = feed(&mut sink);
+                if r.is_ok() {
+                    let missing = tree
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .find(|&(i, n)| is_streamed(n) && !done[i]);
+                    if let Some((i, _)) = missing {
+                        r = Err(Error::Invalid(format!(
+                            "{}: content never given",
+                            String::from_utf8_lossy(&tree.path_of(i as NodeId))
+                        )));
+                    }
+                }
+                if let Err(e) = r {
+                    let _ = data_tx.send(Err(e));
+                }
+            });
+        } else {
+            drop(data_tx);
+        }
         let order = &order;
         // Item generation: per file, lazily, so the item list is never whole in memory.
-        let items = order.iter().enumerate().flat_map(move |(i, &id)| {
-            let mut v = match file_items(tree, i as u32, id, bs) {
-                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-                Err(e) => vec![Err(e)],
-            };
-            if i + 1 == hot_len {
-                v.push(Ok(Item::HotEnd));
-            }
-            v
-        });
+        let items = order
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, &id)| {
+                let mut v = match file_items(tree, i as u32, id, bs) {
+                    Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e)],
+                };
+                if i + 1 == hot_len {
+                    v.push(Ok(Item::HotEnd));
+                }
+                v
+            })
+            .chain(data_rx);
         let seen_ref = &seen;
         let stage1 = ordered_map(s, items, threads, threads * 8, move || {
             let mut ctx = compressor(opts.level);
             let mut open: Option<(u32, File)> = None;
             move |item: Result<Item>| -> Result<Piece> {
-                let (file, chunk, len, hole) = match item? {
+                let (file, chunk, len, hole, given) = match item? {
                     Item::HotEnd => return Ok(Piece::HotEnd),
                     Item::Piece {
                         file,
                         chunk,
                         len,
                         hole,
-                    } => (file, chunk, len, hole),
+                        data,
+                    } => (file, chunk, len, hole, data),
                 };
                 if hole {
                     return Ok(Piece::Hole { file, chunk, len });
                 }
-                let node = tree.node(order[file as usize]);
-                let src = node.source.as_deref().ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{}: no data source",
-                        String::from_utf8_lossy(&tree.path_of(order[file as usize]))
-                    ))
-                })?;
-                if open.as_ref().map(|o| o.0) != Some(file) {
-                    open = Some((file, File::open(src).map_err(|e| Error::io(src, e))?));
-                }
-                let f = &open
-                    .as_ref()
-                    .map(|o| &o.1)
-                    .ok_or_else(|| Error::Invalid("no file".into()))?;
-                let mut data = vec![0u8; len as usize];
-                f.read_exact_at(&mut data, chunk as u64 * bs).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::Invalid(format!("{}: file shrank while packing", src.display()))
-                    } else {
-                        Error::io(src, e)
+                let data = match given {
+                    Some(d) => d,
+                    None => {
+                        let node = tree.node(order[file as usize]);
+                        let src = match &node.source {
+                            Some(Source::Path(p)) => p.as_path(),
+                            _ => {
+                                return Err(Error::Invalid(format!(
+                                    "{}: no data source",
+                                    String::from_utf8_lossy(&tree.path_of(order[file as usize]))
+                                )));
+                            }
+                        };
+                        if open.as_ref().map(|o| o.0) != Some(file) {
+                            open = Some((file, File::open(src).map_err(|e| Error::io(src, e))?));
+                        }
+                        let f = &open
+                            .as_ref()
+                            .map(|o| &o.1)
+                            .ok_or_else(|| Error::Invalid("no file".into()))?;
+                        let mut data = vec![0u8; len as usize];
+                        f.read_exact_at(&mut data, chunk as u64 * bs).map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                Error::Invalid(format!(
+                                    "{}: file shrank while packing",
+                                    src.display()
+                                ))
+                            } else {
+                                Error::io(src, e)
+                            }
+                        })?;
+                        data
                     }
-                })?;
+                };
                 if data.iter().all(|&b| b == 0) {
                     return Ok(Piece::Hole { file, chunk, len });
                 }
@@ -635,6 +794,15 @@ fn write_image(
         return Err(e);
     }
     write_result?;
+    order.extend(
+        fed.into_inner()
+            .map_err(|_| Error::Invalid("internal: feeder panicked".into()))?,
+    );
+    if order.len() != st.chunks.len() {
+        return Err(Error::Invalid(
+            "internal: streamed file count mismatch".into(),
+        ));
+    }
     if blocks.len() as u64 != st.next_block as u64 {
         return Err(Error::Invalid("internal: block count mismatch".into()));
     }

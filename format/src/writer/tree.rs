@@ -14,6 +14,16 @@ use std::path::{Path, PathBuf};
 /// Index of a node in [`Tree::nodes`]; the root is 0.
 pub type NodeId = u32;
 
+/// Where a regular file's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Read by offset (in parallel) from this file.
+    Path(PathBuf),
+    /// Pushed, in the order the caller chooses, by the `feed` of
+    /// [`pack_tree_with`](super::pack_tree_with); the data is laid out in that order.
+    Stream,
+}
+
 /// One entry of the tree.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -45,8 +55,8 @@ pub struct Node {
     pub children: Vec<NodeId>,
     /// For a hard link after the first: the node holding the inode.
     pub link: Option<NodeId>,
-    /// Where a regular file's content is read from.
-    pub source: Option<PathBuf>,
+    /// Where a regular file's content comes from.
+    pub source: Option<Source>,
     /// The file may have holes (fewer blocks allocated than its size).
     pub sparse: bool,
 }
@@ -262,7 +272,7 @@ fn node_from_meta(
         FileKind::File => {
             n.size = md.len();
             n.sparse = md.blocks().saturating_mul(512) < md.len();
-            n.source = Some(path.to_path_buf());
+            n.source = Some(Source::Path(path.to_path_buf()));
         }
         FileKind::Symlink => {
             n.target = std::fs::read_link(path)
