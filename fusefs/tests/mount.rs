@@ -703,3 +703,67 @@ fn record_hot_lists_first_reads_and_packs_hot() {
     }
     m.unmount();
 }
+
+/// An ordinary user mounts through the fusermount3 fallback. The host's /dev/fuse is 0600
+/// here, so the test (as root) makes a private mount namespace, binds a 0666 node over
+/// /dev/fuse there, and runs `cimg-mount` as an unused uid with `setpriv`: the user mounts,
+/// reads the image through the kernel, and unmounts with `fusermount3 -u`.
+#[test]
+fn ordinary_user_mounts_through_fusermount3() {
+    if !fuse_available() {
+        return;
+    }
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let root = nix::unistd::geteuid().is_root();
+    let tools = ["unshare", "setpriv", "fusermount3"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !root || !tools {
+        assert!(!ci, "needs root, unshare, setpriv and fusermount3 in CI");
+        eprintln!("skipping: needs root (to set up the namespace), unshare, setpriv, fusermount3");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let data = b"read by an ordinary user\n".repeat(10_000);
+    write(&src.join("file"), &data, 0o644);
+    let img = work.path().join("t.cimg");
+    pack(&src, &img, 12);
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
+    let mnt = work.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    nix::unistd::chown(&mnt, Some(65534.into()), Some(65534.into())).unwrap();
+    let node = work.path().join("fuse");
+    let script = format!(
+        r#"set -e
+mknod '{node}' c 10 229; chmod 666 '{node}'; mount --bind '{node}' /dev/fuse
+as_user() {{ setpriv --reuid 65534 --regid 65534 --clear-groups "$@"; }}
+as_user '{bin}' '{img}' '{mnt}'
+grep -q ' {mnt} .*user_id=65534' /proc/self/mountinfo
+as_user cat '{mnt}/file' > '{out}.tmp'; mv '{out}.tmp' '{out}'
+as_user fusermount3 -u '{mnt}'
+! grep -q ' {mnt} ' /proc/self/mountinfo
+"#,
+        node = node.display(),
+        bin = BIN,
+        img = img.display(),
+        mnt = mnt.display(),
+        out = work.path().join("out").display(),
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "unprivileged mount failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(fs::read(work.path().join("out")).unwrap(), data);
+}
