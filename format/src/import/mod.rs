@@ -21,7 +21,6 @@ pub mod tar;
 
 use crate::writer::{self, PackOptions, PackStats, Progress};
 use crate::{Error, Result};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The kind of a source for `cimg pack`.
@@ -125,7 +124,7 @@ pub fn detect(src: &Path) -> Result<Kind> {
     }
     let mut f = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
     let mut head = [0u8; 512];
-    let n = read_up_to(&mut f, &mut head).map_err(|e| Error::io(&src, e))?;
+    let n = crate::writer::read_full(&mut f, &mut head).map_err(|e| Error::io(&src, e))?;
     if head[..n].starts_with(b"hsqs") {
         return Ok(Kind::Sqfs);
     }
@@ -140,19 +139,6 @@ pub fn detect(src: &Path) -> Result<Kind> {
     } else {
         Kind::Tar
     })
-}
-
-pub(crate) fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 /// Pack `src` of kind `kind` into `out`. For layered images the image config (Env,

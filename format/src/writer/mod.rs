@@ -397,7 +397,7 @@ fn is_streamed(n: &Node) -> bool {
 }
 
 /// Read until `buf` is full or the reader ends; the count read.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
