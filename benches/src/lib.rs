@@ -161,6 +161,34 @@ pub fn command_line(cmd: &Command) -> String {
 
 pub use cimg_format::units::{human_bytes, parse_size};
 
+/// Number of cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A file-name-safe form of a path (`/usr/share` → `usr_share`; `/` → `root`).
+pub fn slug(p: &Path) -> String {
+    let s: String = p
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('_');
+    if s.is_empty() {
+        "root".into()
+    } else {
+        s.into()
+    }
+}
+
 /// Median of a non-empty sample (mean of the two middle values for an even count).
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();

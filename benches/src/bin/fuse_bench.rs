@@ -14,8 +14,8 @@
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::{
-    Synth, TreeStats, cimg_binary, command_line, find_program, human_bytes, median, parse_size,
-    read_tree,
+    Synth, TreeStats, cimg_binary, command_line, cores, find_program, human_bytes, median,
+    parse_size, read_tree, slug,
 };
 use clap::Parser;
 use serde::Serialize;
@@ -709,26 +709,6 @@ struct Corpus {
     generated: bool,
 }
 
-fn slug(p: &Path) -> String {
-    let s: String = p
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('_');
-    if s.is_empty() {
-        "root".into()
-    } else {
-        s.into()
-    }
-}
-
 /// Generates `dir` with `gen` unless `stamp` says it is already there with the same parameters.
 fn ensure_generated(
     dir: &Path,
@@ -1285,12 +1265,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 struct Tools {

@@ -7,8 +7,8 @@
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::{
-    Measurement, TreeStats, cimg_binary, command_line, file_size, find_program, human_bytes,
-    measure, median, parse_size, read_tree,
+    Measurement, TreeStats, cimg_binary, command_line, cores, file_size, find_program, human_bytes,
+    measure, median, parse_size, read_tree, slug,
 };
 use clap::Parser;
 use serde::Serialize;
@@ -156,32 +156,6 @@ fn main() -> ExitCode {
             eprintln!("pack-bench: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn slug(p: &Path) -> String {
-    let s: String = p
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('_');
-    if s.is_empty() {
-        "root".into()
-    } else {
-        s.into()
     }
 }
 
