@@ -94,17 +94,12 @@ impl std::fmt::Debug for Server {
 /// Blocks waiting to be pushed into the page cache; when full, pushes are skipped.
 const STORE_QUEUE: usize = 64;
 
-/// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
-/// done when this returns; requests are answered once the server runs.
-pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
-    let img = cimg_format::Image::open(image)?;
-    let fs = CimgFs::new(img, opts.fs.clone());
-    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
-    fs.set_store(store_tx);
+/// The fuser configuration for `opts` (mount options apply only when fuser mounts).
+fn config(image_name: &str, opts: &MountOptions) -> fuser::Config {
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::RO,
-        fuser::MountOption::FSName(image.display().to_string()),
+        fuser::MountOption::FSName(image_name.to_string()),
         fuser::MountOption::Subtype("cimg".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
@@ -114,21 +109,79 @@ pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Ser
     }
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
-    let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(|err| MountError::Mount {
-        mountpoint: mountpoint.to_path_buf(),
-        err,
-    })?;
+    cfg
+}
+
+/// Start the thread that pushes freshly decompressed blocks into the kernel page cache.
+fn start_store(
+    session: &fuser::Session<CimgFs>,
+    store_rx: crossbeam_channel::Receiver<fs::StoreJob>,
+) -> io::Result<()> {
     let notifier = session.notifier();
     std::thread::Builder::new()
         .name("cimg-store".into())
         .spawn(move || fs::store_loop(&notifier, &store_rx))
-        .map_err(|err| MountError::Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            err,
-        })?;
+        .map(|_| ())
+}
+
+/// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
+/// done when this returns; requests are answered once the server runs.
+pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
+    let img = cimg_format::Image::open(image)?;
+    let fs = CimgFs::new(img, opts.fs.clone());
+    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
+    fs.set_store(store_tx);
+    let cfg = config(&image.display().to_string(), opts);
+    let mount_err = |err| MountError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        err,
+    };
+    let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(mount_err)?;
+    start_store(&session, store_rx).map_err(mount_err)?;
     Ok(Server {
         session,
         mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+/// The data option string for mount(2) of a FUSE filesystem served on `/dev/fuse` fd `fd`:
+/// for callers that mount it themselves (the launcher, inside its namespaces) and hand the fd
+/// to [`serve_fd`]. The root is a directory; requests from `uid`/`gid` (as the mounting
+/// process sees them) are allowed, from everyone in the mount's user namespace with
+/// `allow_other`; the kernel checks permissions (`default_permissions`).
+pub fn kernel_mount_data(fd: i32, uid: u32, gid: u32, allow_other: bool) -> String {
+    let mut data =
+        format!("fd={fd},rootmode=40000,user_id={uid},group_id={gid},default_permissions");
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    data
+}
+
+/// Serve an already opened image on a `/dev/fuse` fd that the caller mounts itself (see
+/// [`kernel_mount_data`]), in this thread, until the kernel lets go of the filesystem: when it
+/// is unmounted, or when the last mount namespace holding it disappears. Blocks in the
+/// handshake until the mount exists. `name` names the mount in errors.
+pub fn serve_fd(
+    img: cimg_format::Image,
+    fd: std::os::fd::OwnedFd,
+    name: &Path,
+    opts: &MountOptions,
+) -> Result<(), MountError> {
+    let fs = CimgFs::new(img, opts.fs.clone());
+    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
+    fs.set_store(store_tx);
+    let cfg = config(&name.display().to_string(), opts);
+    let acl = cfg.acl;
+    let mount_err = |err| MountError::Mount {
+        mountpoint: name.to_path_buf(),
+        err,
+    };
+    let session = fuser::Session::from_fd(fs, fd, acl, cfg).map_err(mount_err)?;
+    start_store(&session, store_rx).map_err(mount_err)?;
+    session.run().map_err(|err| MountError::Serve {
+        mountpoint: name.to_path_buf(),
+        err,
     })
 }
 
