@@ -14,6 +14,8 @@
 //! exactly one command, waits for it and reports its usage. Every binary that calls [`measure`]
 //! must call [`init`] first thing in `main`.
 
+pub mod cimgbench;
+
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::ffi::{OsStr, OsString};

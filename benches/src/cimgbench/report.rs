@@ -1,0 +1,164 @@
+//! The terminal tables of `cimg-bench`: one run (a row per metric, a column per reader count)
+//! and several runs compared (a row per metric and run).
+
+use super::{Metric, MetricResult, Run, fmt_value};
+use crate::human_bytes;
+use std::fmt::Write;
+
+/// The reader counts of all `runs`, sorted.
+pub fn all_readers(runs: &[Run]) -> Vec<usize> {
+    let mut v: Vec<usize> = runs.iter().flat_map(|r| r.readers.clone()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The title of a metric in a table or plot, with the read size where there is one.
+pub fn metric_title(r: &MetricResult, block_size: u64) -> String {
+    match r.metric {
+        Metric::SeqRead | Metric::RandRead => {
+            format!("{} ({} reads)", r.title, fmt_block(block_size))
+        }
+        _ => r.title.clone(),
+    }
+}
+
+/// A read size: `1 MiB`, `64 KiB`, or as [`human_bytes`] when not a whole number of units.
+pub fn fmt_block(n: u64) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{} KiB", n >> 10)
+    } else {
+        human_bytes(n)
+    }
+}
+
+fn cells(r: &MetricResult, readers: &[usize]) -> Vec<String> {
+    readers
+        .iter()
+        .map(|&n| match r.point(n) {
+            Some(p) => fmt_value(p.value),
+            None => "-".into(),
+        })
+        .collect()
+}
+
+fn header(first: &[(&str, usize)], readers: &[usize]) -> String {
+    let mut s = String::new();
+    for (h, w) in first {
+        let _ = write!(s, "{h:<w$}  ");
+    }
+    for (k, n) in readers.iter().enumerate() {
+        let h = if k == 0 {
+            format!("{n} reader{}", if *n == 1 { "" } else { "s" })
+        } else {
+            n.to_string()
+        };
+        let _ = write!(s, "{h:>10}");
+    }
+    s.trim_end().to_string()
+}
+
+/// The table of one run: a line per metric, a column per reader count, then the reasons of any
+/// skipped metric.
+pub fn run_table(run: &Run) -> String {
+    let titles: Vec<String> = run
+        .metrics
+        .iter()
+        .map(|m| metric_title(m, run.block_size))
+        .collect();
+    let tw = titles.iter().map(|t| t.len()).max().unwrap_or(6).max(6);
+    let mut out = header(&[("metric", tw), ("unit  ", 6)], &run.readers);
+    out.push('\n');
+    let mut notes = Vec::new();
+    for (m, title) in run.metrics.iter().zip(&titles) {
+        let _ = write!(out, "{title:<tw$}  {:<6}  ", m.unit);
+        if let Some(why) = &m.skipped {
+            let _ = writeln!(out, "{:>10}", "skipped");
+            notes.push(format!("{}: skipped: {why}", m.metric.name()));
+            continue;
+        }
+        for c in cells(m, &run.readers) {
+            let _ = write!(out, "{c:>10}");
+        }
+        out.push('\n');
+        for p in &m.points {
+            if p.errors > 0 {
+                notes.push(format!(
+                    "{}, {} readers: {} failed operations (not counted), e.g. {}",
+                    m.metric.name(),
+                    p.readers,
+                    p.errors,
+                    p.first_error.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    for n in notes {
+        let _ = writeln!(out, "{n}");
+    }
+    out
+}
+
+/// The table of several runs: for each metric a line per run, a column per reader count (the
+/// union of the runs' reader counts; `-` where a run did not measure it).
+pub fn compare_table(runs: &[Run]) -> String {
+    let readers = all_readers(runs);
+    let lw = runs
+        .iter()
+        .map(|r| r.label.len())
+        .max()
+        .unwrap_or(3)
+        .clamp(3, 40);
+    let mut rows = Vec::new();
+    for m in Metric::ALL {
+        for run in runs {
+            let Some(r) = run.metric(m) else { continue };
+            rows.push((
+                m,
+                metric_title(r, run.block_size),
+                r.unit.clone(),
+                &run.label,
+                r.skipped.is_some(),
+                cells(r, &readers),
+            ));
+        }
+    }
+    let tw = rows.iter().map(|r| r.1.len()).max().unwrap_or(6).max(6);
+    let mut out = header(&[("metric", tw), ("unit  ", 6), ("run", lw)], &readers);
+    out.push('\n');
+    let mut last = None;
+    for (m, title, unit, label, skipped, cells) in rows {
+        let (title, unit) = if last == Some(m) {
+            (String::new(), String::new())
+        } else {
+            (title, unit)
+        };
+        last = Some(m);
+        let label: String = label.chars().take(lw).collect();
+        let _ = write!(out, "{title:<tw$}  {unit:<6}  {label:<lw$}  ");
+        if skipped {
+            let _ = write!(out, "{:>10}", "skipped");
+        } else {
+            for c in cells {
+                let _ = write!(out, "{c:>10}");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes() {
+        assert_eq!(fmt_block(1 << 20), "1 MiB");
+        assert_eq!(fmt_block(64 << 10), "64 KiB");
+        assert_eq!(fmt_block(1536 << 10), "1536 KiB");
+        assert_eq!(fmt_block(512), "512 B");
+    }
+}
