@@ -1,7 +1,8 @@
 //! Tar layers applied in order into a [`Tree`], then streamed into the writer.
 //!
 //! Supported: ustar, PAX (long paths and link names, `mtime`, `uid`, `gid`, `size`,
-//! `SCHILY.xattr.*`), GNU long names and links, GNU sparse files (old format; their holes come
+//! `SCHILY.xattr.*`), GNU long names and links, GNU sparse files (the old GNU format, and the
+//! PAX formats 0.0, 0.1 and 1.0 that `tar --format=posix --sparse` writes; their holes come
 //! back as zeros, which the writer stores as holes), hard links (to any earlier entry, also of
 //! a lower layer), symlinks, character and block devices, fifos. Later entries replace earlier
 //! ones with the same path, as when extracting. In layers of an image, `.wh.NAME` deletes NAME
@@ -11,8 +12,14 @@
 //! (a leading `/` is dropped), an entry under a non-directory (symlinks are never followed),
 //! a hard link to a missing entry, a directory or outside the root, an unsupported entry
 //! type, an empty symlink target, an extended header over 1 MiB, content shorter than
-//! declared, a truncated or corrupt archive or compressed stream, a digest mismatch. Symlink
-//! targets are kept as they are: they are resolved inside the container, never here.
+//! declared, a sparse map that is malformed, overlapping, out of order, beyond the file's size
+//! or not matching the stored data, a truncated or corrupt archive or compressed stream, a
+//! digest mismatch. Symlink targets are kept as they are: they are resolved inside the
+//! container, never here.
+//!
+//! A sparse file's holes reach the writer as zeros (the writer stores zero blocks as holes):
+//! memory stays bounded, but the time is linear in the file's logical size (about 1 GB/s of holes), so a
+//! sparse entry declaring an enormous size is as slow as a decompression bomb of zeros.
 
 use super::{Compression, compression_of};
 use crate::writer::{self, Node, NodeId, PackOptions, PackStats, Progress, Source, Tree};
@@ -364,7 +371,11 @@ impl Builder {
         if et.is_pax_global_extensions() {
             return Ok(());
         }
-        let path = e.path_bytes().into_owned();
+        let sparse = sparse_of(e)?;
+        let path = match sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(n) => n,
+            None => e.path_bytes().into_owned(),
+        };
         let comps = normalize(&path).ok_or("path leaves the root with '..'")?;
         // Header fields may be blank when a PAX record gives the value.
         let mut mtime = h.mtime().ok().map(|m| (m as i64, 0u32));
@@ -384,11 +395,8 @@ impl Builder {
                     b"mtime" => mtime = Some(pax_num(v).ok_or("bad PAX mtime")?),
                     b"uid" => uid = Some(num().ok_or("bad PAX uid")?),
                     b"gid" => gid = Some(num().ok_or("bad PAX gid")?),
-                    _ if k.starts_with(b"GNU.sparse.") => {
-                        return Err("PAX sparse files (GNU sparse format 0.1/1.0) are not \
-                                    supported; use the old GNU format (tar --format=gnu)"
-                            .into());
-                    }
+                    // Read by `sparse_of`.
+                    _ if k.starts_with(b"GNU.sparse.") => {}
                     _ => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.")
                             && !name.is_empty()
@@ -511,6 +519,22 @@ impl Builder {
             _ if kind == FileKind::File => {
                 node.size = e.size();
                 node.sparse = et == ::tar::EntryType::GNUSparse;
+                if let Some(sp) = sparse {
+                    if et != ::tar::EntryType::Regular {
+                        return Err("GNU sparse records on an entry that is not a regular file \
+                                    or is an old-format sparse file"
+                            .into());
+                    }
+                    // Check the map now, so that a bad one fails before anything is written.
+                    let stored = e.size();
+                    let (map, header) = match sp.map {
+                        Some(m) => (m, 0),
+                        None => read_map(e, stored)?,
+                    };
+                    check_map(&map, sp.real_size, stored - header)?;
+                    node.size = sp.real_size;
+                    node.sparse = true;
+                }
                 node.source = Some(Source::Stream);
                 // Layers are tagged from 1 (0 is the root); providers are keyed from 0.
                 prov = Some((layer - 1, index));
@@ -572,6 +596,226 @@ impl Builder {
     }
 }
 
+/// A sparse file in PAX records (GNU sparse formats 0.0, 0.1 and 1.0).
+struct Sparse {
+    /// The file's real name (`GNU.sparse.name`), when given.
+    name: Option<Vec<u8>>,
+    /// Its logical size.
+    real_size: u64,
+    /// (offset, length) of each data chunk, in order; `None`: at the start of the entry's
+    /// data (format 1.0).
+    map: Option<Vec<(u64, u64)>>,
+}
+
+/// The GNU sparse description in an entry's PAX records, if any.
+fn sparse_of<R: Read>(e: &mut ::tar::Entry<'_, R>) -> std::result::Result<Option<Sparse>, String> {
+    let Some(pax) = e.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let (mut major, mut minor, mut name, mut size, mut map) = (None, None, None, None, None);
+    let mut pairs: Vec<(u64, u64)> = Vec::new();
+    let mut offset = None;
+    let mut any = false;
+    for ext in pax {
+        let ext = ext.map_err(|e| e.to_string())?;
+        let (k, v) = (ext.key_bytes(), ext.value_bytes());
+        let Some(k) = k.strip_prefix(b"GNU.sparse.") else {
+            continue;
+        };
+        any = true;
+        let num = |v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| format!("bad GNU.sparse.{} record", escape(k)))
+        };
+        match k {
+            b"major" => major = Some(num(v)?),
+            b"minor" => minor = Some(num(v)?),
+            b"name" => name = Some(v.to_vec()),
+            b"realsize" | b"size" => size = Some(num(v)?),
+            b"numblocks" => {}
+            b"map" => {
+                let nums = v
+                    .split(|&c| c == b',')
+                    .map(num)
+                    .collect::<std::result::Result<Vec<u64>, String>>()?;
+                if nums.len() % 2 != 0 {
+                    return Err("GNU.sparse.map has an odd number of values".into());
+                }
+                map = Some(nums.chunks(2).map(|c| (c[0], c[1])).collect());
+            }
+            b"offset" => {
+                if offset.replace(num(v)?).is_some() {
+                    return Err("GNU.sparse.offset without its numbytes".into());
+                }
+            }
+            b"numbytes" => {
+                let o = offset
+                    .take()
+                    .ok_or("GNU.sparse.numbytes without an offset")?;
+                pairs.push((o, num(v)?));
+            }
+            _ => return Err(format!("unknown record GNU.sparse.{}", escape(k))),
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    let real_size = size.ok_or("GNU sparse records without GNU.sparse.realsize")?;
+    let map = match (major, minor) {
+        (Some(1), Some(0)) => None,
+        (Some(ma), mi) => {
+            return Err(format!(
+                "unsupported GNU sparse format {ma}.{}",
+                mi.map_or("?".into(), |m| m.to_string())
+            ));
+        }
+        (None, _) if map.is_some() => map,
+        (None, _) if !pairs.is_empty() || offset.is_some() => {
+            if offset.is_some() {
+                return Err("GNU.sparse.offset without its numbytes".into());
+            }
+            Some(pairs)
+        }
+        (None, _) => return Err("GNU sparse records without a map".into()),
+    };
+    Ok(Some(Sparse {
+        name,
+        real_size,
+        map,
+    }))
+}
+
+/// An entry's name for messages: the real name of a PAX sparse file, else its path.
+fn display_name<R: Read>(e: &mut ::tar::Entry<'_, R>) -> Vec<u8> {
+    let real = e.pax_extensions().ok().flatten().and_then(|pax| {
+        pax.filter_map(|x| x.ok())
+            .find(|x| x.key_bytes() == b"GNU.sparse.name")
+            .map(|x| x.value_bytes().to_vec())
+    });
+    real.unwrap_or_else(|| e.path_bytes().into_owned())
+}
+
+/// Read the map at the start of a format 1.0 sparse entry's data (decimal numbers, one per
+/// line: the count, then offset and length of each chunk; padded to 512 bytes). Returns it
+/// and the bytes it took.
+fn read_map(r: &mut dyn Read, stored: u64) -> std::result::Result<(Vec<(u64, u64)>, u64), String> {
+    let mut block = [0u8; 512];
+    let (mut pos, mut used) = (512usize, 0u64);
+    let mut number = |what: &str| -> std::result::Result<u64, String> {
+        let mut n: u64 = 0;
+        let mut digits = 0;
+        loop {
+            if pos == 512 {
+                if used + 512 > stored {
+                    return Err("sparse map runs past the entry's data".into());
+                }
+                r.read_exact(&mut block)
+                    .map_err(|e| format!("reading the sparse map: {e}"))?;
+                used += 512;
+                pos = 0;
+            }
+            let c = block[pos];
+            pos += 1;
+            match c {
+                b'\n' if digits > 0 => return Ok(n),
+                b'0'..=b'9' if digits < 20 => {
+                    n = n
+                        .checked_mul(10)
+                        .and_then(|n| n.checked_add(u64::from(c - b'0')))
+                        .ok_or_else(|| format!("sparse map: {what} out of range"))?;
+                    digits += 1;
+                }
+                _ => return Err(format!("malformed sparse map ({what})")),
+            }
+        }
+    };
+    let count = number("count")?;
+    if count > stored / 4 {
+        return Err(format!(
+            "sparse map: {count} chunks cannot fit in the entry"
+        ));
+    }
+    let mut map = Vec::new();
+    for _ in 0..count {
+        let off = number("offset")?;
+        let len = number("length")?;
+        map.push((off, len));
+    }
+    Ok((map, used))
+}
+
+/// A sparse map must be in order, not overlap, stay within the file and describe exactly the
+/// stored data.
+fn check_map(map: &[(u64, u64)], real_size: u64, data: u64) -> std::result::Result<(), String> {
+    let (mut end, mut total) = (0u64, 0u64);
+    for &(off, len) in map {
+        let e = off
+            .checked_add(len)
+            .filter(|&e| off >= end && e <= real_size)
+            .ok_or_else(|| {
+                format!(
+                    "sparse map chunk at {off} (length {len}) overlaps, is out of order or \
+                     beyond the size {real_size}"
+                )
+            })?;
+        end = e;
+        total += len;
+    }
+    if total != data {
+        return Err(format!(
+            "sparse map describes {total} bytes of data but the entry stores {data}"
+        ));
+    }
+    Ok(())
+}
+
+/// Expands a sparse entry's data chunks into the file's content, holes as zeros.
+struct SparseReader<R> {
+    inner: R,
+    map: Vec<(u64, u64)>,
+    idx: usize,
+    pos: u64,
+    size: u64,
+}
+
+impl<R: Read> Read for SparseReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.pos >= self.size {
+            return Ok(0);
+        }
+        while self
+            .map
+            .get(self.idx)
+            .is_some_and(|&(o, l)| self.pos >= o + l)
+        {
+            self.idx += 1;
+        }
+        let (pos, room) = (self.pos, buf.len() as u64);
+        let cap = |to: u64| (to - pos).min(room) as usize;
+        match self.map.get(self.idx) {
+            Some(&(o, l)) if self.pos >= o => {
+                let n = self.inner.read(&mut buf[..cap(o + l)])?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "sparse file data ended early",
+                    ));
+                }
+                self.pos += n as u64;
+                Ok(n)
+            }
+            next => {
+                let n = cap(next.map_or(self.size, |&(o, _)| o));
+                buf[..n].fill(0);
+                self.pos += n as u64;
+                Ok(n)
+            }
+        }
+    }
+}
+
 /// Walk a layer's entries: `f(index, entry)` for each; the error names the layer and entry.
 fn walk(
     layer: &Layer,
@@ -593,7 +837,7 @@ fn walk(
             Some(r) => r.map_err(|e| bad(&format!("after entry {last}"), &e))?,
         };
         budget.store(u64::MAX, Ordering::Relaxed);
-        last = escape(&e.path_bytes());
+        last = escape(&display_name(&mut e));
         if !f(index, &mut e)? {
             return Ok(());
         }
@@ -630,13 +874,28 @@ pub fn pack_layers(
             }
             walk(layer, false, |index, e| {
                 if let Some(&id) = prov.get(&(l as u32, index)) {
-                    sink(id, e).map_err(|err| {
-                        Error::Invalid(format!(
-                            "{}: entry {}: {err}",
-                            layer.name,
-                            escape(&e.path_bytes())
-                        ))
-                    })?;
+                    let name = display_name(e);
+                    let bad = |err: &dyn std::fmt::Display| {
+                        Error::Invalid(format!("{}: entry {}: {err}", layer.name, escape(&name)))
+                    };
+                    match sparse_of(e).map_err(|err| bad(&err))? {
+                        None => sink(id, e).map_err(|err| bad(&err))?,
+                        Some(sp) => {
+                            let stored = e.size();
+                            let map = match sp.map {
+                                Some(m) => m,
+                                None => read_map(e, stored).map_err(|err| bad(&err))?.0,
+                            };
+                            let mut r = SparseReader {
+                                inner: e,
+                                map,
+                                idx: 0,
+                                pos: 0,
+                                size: sp.real_size,
+                            };
+                            sink(id, &mut r).map_err(|err| bad(&err))?;
+                        }
+                    }
                     left -= 1;
                 }
                 Ok(left > 0)
@@ -656,7 +915,7 @@ pub fn read_tree(layers: &[Layer], layered: bool) -> Result<(Tree, Providers)> {
                 Error::Invalid(format!(
                     "{}: entry {}: {why}",
                     layer.name,
-                    escape(&e.path_bytes())
+                    escape(&display_name(e))
                 ))
             })?;
             Ok(true)
