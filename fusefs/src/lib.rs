@@ -146,7 +146,7 @@ pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Ser
 
 /// The data option string for mount(2) of a FUSE filesystem served on `/dev/fuse` fd `fd`:
 /// for callers that mount it themselves (the launcher, inside its namespaces) and hand the fd
-/// to [`serve_fd`]. The root is a directory; requests from `uid`/`gid` (as the mounting
+/// to [`attach_fd`]. The root is a directory; requests from `uid`/`gid` (as the mounting
 /// process sees them) are allowed, from everyone in the mount's user namespace with
 /// `allow_other`; the kernel checks permissions (`default_permissions`).
 pub fn kernel_mount_data(fd: i32, uid: u32, gid: u32, allow_other: bool) -> String {
@@ -158,16 +158,17 @@ pub fn kernel_mount_data(fd: i32, uid: u32, gid: u32, allow_other: bool) -> Stri
     data
 }
 
-/// Serve an already opened image on a `/dev/fuse` fd that the caller mounts itself (see
-/// [`kernel_mount_data`]), in this thread, until the kernel lets go of the filesystem: when it
-/// is unmounted, or when the last mount namespace holding it disappears. Blocks in the
-/// handshake until the mount exists. `name` names the mount in errors.
-pub fn serve_fd(
+/// Attach an already opened image to a `/dev/fuse` fd that the caller mounts itself (see
+/// [`kernel_mount_data`]): blocks in the kernel handshake until the mount exists, then
+/// returns the server; [`Server::run`] serves until the kernel lets go of the filesystem
+/// (it is unmounted, or the last mount namespace holding it disappears). `name` names the
+/// mount in errors.
+pub fn attach_fd(
     img: cimg_format::Image,
     fd: std::os::fd::OwnedFd,
     name: &Path,
     opts: &MountOptions,
-) -> Result<(), MountError> {
+) -> Result<Server, MountError> {
     let fs = CimgFs::new(img, opts.fs.clone());
     let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
     fs.set_store(store_tx);
@@ -179,9 +180,9 @@ pub fn serve_fd(
     };
     let session = fuser::Session::from_fd(fs, fd, acl, cfg).map_err(mount_err)?;
     start_store(&session, store_rx).map_err(mount_err)?;
-    session.run().map_err(|err| MountError::Serve {
+    Ok(Server {
+        session,
         mountpoint: name.to_path_buf(),
-        err,
     })
 }
 

@@ -1,0 +1,52 @@
+//! The launcher's one error type: a message for the one-line report (`launch: what: why`)
+//! and the exit code that says which kind of failure it was (see [`crate::plan::exit`]).
+
+use crate::plan::exit;
+
+/// A launcher failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct Error {
+    msg: String,
+    code: i32,
+}
+
+impl Error {
+    /// A failure with exit code `code`.
+    pub fn new(code: i32, msg: String) -> Self {
+        Error { msg, code }
+    }
+    /// A bad option or argument.
+    pub fn usage(msg: String) -> Self {
+        Error::new(exit::USAGE, msg)
+    }
+    /// The image cannot be used.
+    pub fn image(msg: String) -> Self {
+        Error::new(exit::IMAGE, msg)
+    }
+    /// No user namespaces.
+    pub fn userns(msg: String) -> Self {
+        Error::new(exit::USERNS, msg)
+    }
+    /// No FUSE.
+    pub fn fuse(msg: String) -> Self {
+        Error::new(exit::FUSE, msg)
+    }
+    /// The container's filesystem could not be set up.
+    pub fn setup(msg: String) -> Self {
+        Error::new(exit::SETUP, msg)
+    }
+    /// Anything else.
+    pub fn other(msg: String) -> Self {
+        Error::new(exit::OTHER, msg)
+    }
+    /// The exit code for this failure.
+    pub fn code(&self) -> i32 {
+        self.code
+    }
+}
+
+/// `what: why` for an errno, as the one-line messages want it.
+pub fn errno_msg(what: impl std::fmt::Display, e: nix::errno::Errno) -> String {
+    format!("{what}: {}", e.desc().to_lowercase())
+}

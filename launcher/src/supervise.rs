@@ -1,0 +1,629 @@
+//! The process tree of one container and its supervision.
+//!
+//! ```text
+//! launch (supervisor)             user ns U, mount ns B (staging: tmpfs on /tmp, the root)
+//!  ├─ FUSE server                 ns U, its own mount ns C without the mount; own session
+//!  └─ app (exec'd CMD)            ns U, mount ns B' (a copy of B), pivot_root'ed into the image
+//! ```
+//!
+//! The FUSE mount exists only in B and B'. When the last process of the container has left
+//! them (the app, whatever it started, and launch itself), the kernel drops the mount, aborts
+//! the FUSE connection, and the server's read of `/dev/fuse` ends: the server exits. So the
+//! filesystem lives exactly as long as any container process, and SIGKILL of any part leaves
+//! nothing behind: the app has `PR_SET_PDEATHSIG(SIGKILL)` (launch killed → app killed), the
+//! server has it until its handshake is done (launch killed during setup → server killed),
+//! launch kills the app if the server dies, and all mounts are private to the namespaces.
+//!
+//! Launch forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH and SIGALRM
+//! to the app (read from a signalfd; a signal the terminal sent to the whole foreground
+//! process group, which the app got too, is not sent twice), and exits with the app's status
+//! (128+N if it was killed by signal N) as soon as the app exits.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2, setsid};
+
+use crate::enter::{self, HostPath, Make, Root, STAGE};
+use crate::error::{Error, errno_msg};
+use crate::plan::{self, Env, EnvOp, ImageConfig, Plan};
+use crate::sys::{Forked, fork};
+
+const FORWARDED: [Signal; 8] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGALRM,
+];
+
+/// The image: a `.cimg` file (opened and validated) or a directory.
+enum Source {
+    Cimg(Box<cimg_format::Image>),
+    Dir(PathBuf),
+}
+
+/// Say what is done when `-v` was given.
+struct Log {
+    level: i8,
+    t0: Instant,
+}
+
+impl Log {
+    fn v(&self, msg: impl FnOnce() -> String) {
+        if self.level > 0 {
+            eprintln!(
+                "launch: [{:7.3} ms] {}",
+                self.t0.elapsed().as_secs_f64() * 1e3,
+                msg()
+            );
+        }
+    }
+    fn warn(&self, msg: impl FnOnce() -> String) {
+        if self.level >= 0 {
+            eprintln!("launch: warning: {}", msg());
+        }
+    }
+}
+
+/// Run the plan: build the container, run the command, return its exit code.
+pub fn run(plan: Plan) -> Result<i32, Error> {
+    let log = Log {
+        level: plan.verbosity,
+        t0: Instant::now(),
+    };
+    let source = open_image(&plan.image)?;
+    let config = match &source {
+        Source::Cimg(img) => img.config().map(ImageConfig::parse),
+        Source::Dir(_) => None,
+    };
+    let image_env = config
+        .as_ref()
+        .map(|c| c.env.clone())
+        .filter(|e| !e.is_empty());
+    let image_workdir = config.and_then(|c| c.working_dir);
+    log.v(|| format!("opened {}", plan.image.display()));
+
+    // The user's ids and names, as the host knows them.
+    let uid = Uid::current();
+    let gid = Gid::current();
+    let user = User::from_uid(uid).ok().flatten();
+
+    let (in_uid, in_gid) = enter::inside_ids(&plan);
+    enter::unshare_user_mount(in_uid, in_gid)?;
+    log.v(|| format!("user and mount namespaces created, uid {in_uid} gid {in_gid}"));
+
+    // Everything from the host that goes into the container, opened before anything is
+    // mounted (in this namespace: a bind's source must be a mount of it).
+    let dev = HostPath::open(Path::new("/dev"), "host")?;
+    let proc_ = HostPath::open(Path::new("/proc"), "host")?;
+    let sys = HostPath::open(Path::new("/sys"), "host")?;
+    let etc: Vec<(&str, HostPath)> = ["/etc/hosts", "/etc/resolv.conf", "/etc/machine-id"]
+        .into_iter()
+        .filter_map(|p| HostPath::open_optional(Path::new(p)).map(|h| (p, h)))
+        .collect();
+    let host_tmp = if plan.private_tmp {
+        None
+    } else {
+        Some(HostPath::open(&host_tmp_dir(), "host temporary directory")?)
+    };
+    let user_name = user
+        .as_ref()
+        .map(|u| u.name.clone())
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| format!("user{uid}"));
+    let home = if plan.home {
+        let h = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .or_else(|| user.as_ref().map(|u| u.dir.clone()))
+            .ok_or_else(|| Error::setup("--home: HOME is not set".into()))?;
+        Some(HostPath::open(&h, "--home")?)
+    } else {
+        None
+    };
+    let binds = plan
+        .binds
+        .iter()
+        .map(|b| Ok((HostPath::open(&b.src, "--bind")?, b)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    let env_files = plan
+        .env_ops
+        .iter()
+        .filter_map(|op| match op {
+            EnvOp::File(f) => Some(fs::read(f).map(|t| (f.clone(), t)).map_err(|e| {
+                Error::setup(format!("--set-env {}: {}", f.display(), enter::io_msg(&e)))
+            })),
+            _ => None,
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let record_hot = match &plan.record_hot {
+        Some(p) => Some(std::path::absolute(p).map_err(|e| {
+            Error::usage(format!(
+                "--record-hot {}: {}",
+                p.display(),
+                enter::io_msg(&e)
+            ))
+        })?),
+        None => None,
+    };
+    let host_cwd = std::env::current_dir().ok();
+
+    // Signals are taken from a signalfd from now on; the children restore this mask.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old_mask))
+        .map_err(|e| Error::other(errno_msg("sigprocmask", e)))?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| Error::other(errno_msg("signalfd", e)))?;
+
+    // The FUSE server, forked while this process is single-threaded; it leaves this mount
+    // namespace before anything is mounted in it.
+    let me = Pid::this();
+    let stage = Path::new(STAGE);
+    let mut server: Option<(Pid, OwnedFd, OwnedFd, OwnedFd)> = None;
+    let mut image = None;
+    match source {
+        Source::Cimg(img) => {
+            let fuse = enter::open_dev_fuse()?;
+            let (ready_r, ready_w) =
+                pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
+            let (go_r, go_w) =
+                pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
+            let mut opts = cimg_fuse::MountOptions {
+                allow_other: true,
+                ..Default::default()
+            };
+            if let Some(c) = plan.cache_size {
+                opts.fs.cache_size = c;
+            }
+            opts.fs.record_hot = record_hot.clone();
+            match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
+                Forked::Child => {
+                    drop((ready_r, go_w));
+                    let pipes = (go_r, ready_w);
+                    server_main(*img, fuse, pipes, me, &old_mask, &plan.image, &opts)
+                }
+                Forked::Parent(pid) => {
+                    drop((ready_w, go_r));
+                    wait_byte(&ready_r, pid)?;
+                    server = Some((pid, ready_r, fuse, go_w));
+                }
+            }
+        }
+        Source::Dir(d) => image = Some(HostPath::open(&d, "image")?),
+    }
+    let kill_server = |server: &Option<(Pid, OwnedFd, OwnedFd, OwnedFd)>| {
+        if let Some((pid, ..)) = server {
+            let _ = kill(*pid, Signal::SIGKILL);
+            let _ = waitpid(*pid, None);
+        }
+    };
+
+    let built = (|| -> Result<Built, Error> {
+        enter::mount_tmpfs(stage, "mode=0700,size=4m", "the staging area")?;
+        let root_dir = stage.join("root");
+        enter::mkdir(&root_dir)?;
+        let writable = plan.write_fake.is_some();
+        let lower = if writable {
+            let l = stage.join("lower");
+            enter::mkdir(&l)?;
+            l
+        } else {
+            root_dir.clone()
+        };
+        if let Some((pid, ready_r, fuse, go_w)) = &server {
+            enter::mount_fuse(&plan.image, fuse, &lower, in_uid, in_gid)?;
+            // /dev/fuse can be read only once it is mounted: now the server may start.
+            nix::unistd::write(go_w, b"g").map_err(|e| Error::other(errno_msg("pipe", e)))?;
+            wait_byte(ready_r, *pid)?;
+            log.v(|| "FUSE server answered".into());
+        }
+        if let Some(dir) = &image {
+            let t = Root::open(&lower, false)?
+                .resolve(Path::new("/"), OFlag::O_PATH)
+                .map_err(|e| Error::setup(errno_msg(format!("{}", lower.display()), e)))?;
+            dir.attach(&t, &plan.image.display().to_string())?;
+            if !writable {
+                let top = Root::open(&lower, false)?;
+                enter::remount_ro(
+                    &top.resolve(Path::new("/"), OFlag::O_PATH)
+                        .map_err(|e| Error::setup(errno_msg("cannot reopen the root", e)))?,
+                    "the image",
+                )?;
+            }
+        }
+        if let Some(size) = plan.write_fake {
+            let rw = stage.join("rw");
+            enter::mkdir(&rw)?;
+            let opts = match size {
+                Some(b) => format!("mode=0755,size={b}"),
+                None => "mode=0755".to_string(),
+            };
+            enter::mount_tmpfs(&rw, &opts, "-W")?;
+            enter::mkdir(&rw.join("up"))?;
+            enter::mkdir(&rw.join("work"))?;
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={},userxattr",
+                lower.display(),
+                rw.join("up").display(),
+                rw.join("work").display()
+            );
+            nix::mount::mount(
+                Some("overlay"),
+                &root_dir,
+                Some("overlay"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(data.as_str()),
+            )
+            .map_err(|e| Error::setup(errno_msg("-W: cannot mount the overlay", e)))?;
+            log.v(|| "writable overlay mounted".into());
+        }
+        let root = Root::open(&root_dir, writable)?;
+
+        for (p, host) in [("/dev", &dev), ("/proc", &proc_), ("/sys", &sys)] {
+            let t = root.target(Path::new(p), Make::Dir, "standard bind")?;
+            host.attach(&t, p)?;
+        }
+        for (p, host) in &etc {
+            let p = Path::new(p);
+            if root.exists(p) {
+                let t = root.target(p, Make::No, "standard bind")?;
+                host.attach(&t, &p.display().to_string())?;
+                let t = root.target(p, Make::No, "standard bind")?;
+                enter::remount_ro(&t, &p.display().to_string())?;
+            }
+        }
+        let tmp = Path::new("/tmp");
+        if plan.private_tmp {
+            let t = root.target(tmp, Make::Dir, "--private-tmp")?;
+            enter::mount_tmpfs(&enter::fd_path(&t), "mode=1777", "--private-tmp")?;
+        } else if let Some(h) = &host_tmp {
+            if root.is_dir(tmp) || writable {
+                let t = root.target(tmp, Make::Dir, "/tmp")?;
+                h.attach(&t, "/tmp")?;
+            } else {
+                log.warn(|| "the image has no /tmp: the host's is not bound".into());
+            }
+        }
+        let mut container_home = None;
+        if let Some(h) = &home {
+            let t = root.target(Path::new("/home"), Make::Dir, "--home")?;
+            enter::mount_tmpfs(&enter::fd_path(&t), "mode=0755,size=1m", "--home")?;
+            let dir = PathBuf::from("/home").join(&user_name);
+            let parent = root
+                .resolve(Path::new("/home"), OFlag::O_PATH | OFlag::O_DIRECTORY)
+                .map_err(|e| Error::setup(errno_msg("--home: /home", e)))?;
+            nix::sys::stat::mkdirat(
+                std::os::fd::AsFd::as_fd(&parent),
+                user_name.as_str(),
+                nix::sys::stat::Mode::from_bits_truncate(0o755),
+            )
+            .map_err(|e| Error::setup(errno_msg(format!("--home: {}", dir.display()), e)))?;
+            let t = root.target(&dir, Make::No, "--home")?;
+            h.attach(&t, "--home")?;
+            container_home = Some(dir);
+        }
+        for (host, b) in &binds {
+            let what = format!("--bind {}:{}", b.src.display(), b.dst.display());
+            let make = if host.is_dir { Make::Dir } else { Make::File };
+            let t = root.target(&b.dst, make, &what)?;
+            host.attach(&t, &what)?;
+        }
+        if plan.passwd {
+            let group_name = Group::from_gid(gid)
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .unwrap_or_else(|| user_name.clone());
+            let gecos = user
+                .as_ref()
+                .map(|u| u.gecos.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let files = [
+                (
+                    "passwd",
+                    plan::passwd_text(&user_name, in_uid, in_gid, &gecos),
+                ),
+                ("group", plan::group_text(&group_name, in_gid)),
+            ];
+            for (name, text) in files {
+                let staged = stage.join(name);
+                enter::write_file(&staged, &text)?;
+                let p = PathBuf::from("/etc").join(name);
+                if root.exists(&p) || writable {
+                    let src = HostPath::open(&staged, "staged")?;
+                    let t = root.target(&p, Make::File, &format!("/etc/{name}"))?;
+                    src.attach(&t, &p.display().to_string())?;
+                } else {
+                    log.v(|| format!("the image has no {}: not written", p.display()));
+                }
+            }
+        }
+
+        // The environment.
+        let mut env: Env = std::env::vars_os().collect();
+        let mut files = env_files.iter();
+        for op in &plan.env_ops {
+            match op {
+                EnvOp::Pair(k, v) => {
+                    env.insert(k.clone(), v.clone());
+                }
+                EnvOp::File(_) => {
+                    if let Some((f, text)) = files.next() {
+                        plan::apply_env_file(&mut env, text, &f.display().to_string())?;
+                    }
+                }
+                EnvOp::Image => {
+                    if let Some(list) = &image_env {
+                        plan::apply_env_list(&mut env, list);
+                    } else if let Ok(text) = root.read(Path::new("/ch/environment")) {
+                        plan::apply_env_file(&mut env, &text, "/ch/environment (in the image)")?;
+                    } else {
+                        log.warn(|| "--set-env: the image has no environment".into());
+                    }
+                }
+                EnvOp::Unset(g) => plan::unset_env(&mut env, g),
+            }
+        }
+        env.insert("CIMG_RUNNING".into(), "1".into());
+        env.insert("CIMG_IMAGE".into(), plan.image.clone().into_os_string());
+        if let Some(h) = &container_home {
+            env.insert("HOME".into(), h.clone().into_os_string());
+        }
+
+        // The working directory.
+        let cwd = if let Some(cd) = &plan.cd {
+            if !root.is_dir(cd) {
+                return Err(Error::setup(format!(
+                    "--cd {}: no such directory in the container",
+                    cd.display()
+                )));
+            }
+            cd.clone()
+        } else if let Some(w) = image_workdir.as_ref().filter(|w| root.is_dir(w)) {
+            w.clone()
+        } else if let Some(c) = host_cwd.as_ref().filter(|c| root.is_dir(c)) {
+            c.clone()
+        } else {
+            PathBuf::from("/")
+        };
+        Ok(Built {
+            root: root_dir,
+            cwd,
+            env,
+        })
+    })();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            kill_server(&server);
+            return Err(e);
+        }
+    };
+    log.v(|| format!("container ready, cwd {}", built.cwd.display()));
+    drop((dev, proc_, sys, etc, host_tmp, home, binds));
+
+    // The app.
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
+    let app = match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
+        Forked::Child => {
+            drop(err_r);
+            app_main(&built, &plan.cmd, err_w, me, &old_mask)
+        }
+        Forked::Parent(pid) => pid,
+    };
+    drop(err_w);
+    let mut report = Vec::new();
+    let _ = fs::File::from(err_r).read_to_end(&mut report);
+    if !report.is_empty() {
+        let _ = waitpid(app, None);
+        kill_server(&server);
+        let text = String::from_utf8_lossy(&report);
+        let (code, msg) = text.split_once('\t').unwrap_or(("125", &text));
+        return Err(Error::new(code.parse().unwrap_or(125), msg.to_string()));
+    }
+    log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
+    supervise(&sfd, app, server.as_ref().map(|s| s.0), &log)
+}
+
+/// What the app's process needs.
+struct Built {
+    root: PathBuf,
+    cwd: PathBuf,
+    env: Env,
+}
+
+fn open_image(path: &Path) -> Result<Source, Error> {
+    let meta = fs::metadata(path)
+        .map_err(|e| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e))))?;
+    if meta.is_dir() {
+        return Ok(Source::Dir(path.to_path_buf()));
+    }
+    let img = cimg_format::Image::open(path).map_err(|e| Error::image(e.to_string()))?;
+    Ok(Source::Cimg(Box::new(img)))
+}
+
+fn host_tmp_dir() -> PathBuf {
+    match std::env::var_os("TMPDIR").map(PathBuf::from) {
+        Some(t) if t.is_absolute() && t.is_dir() => t,
+        _ => PathBuf::from("/tmp"),
+    }
+}
+
+/// Wait for one byte from the FUSE server (it has left the mount namespace / finished its
+/// handshake); end of file means it failed (it printed why).
+fn wait_byte(fd: &OwnedFd, server: Pid) -> Result<(), Error> {
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(fd, &mut b) {
+            Ok(1) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            _ => {
+                let _ = kill(server, Signal::SIGKILL);
+                let _ = waitpid(server, None);
+                return Err(Error::fuse("the FUSE server failed to start".into()));
+            }
+        }
+    }
+}
+
+/// The FUSE server's process: leave the mount namespace, do the handshake, serve.
+fn server_main(
+    img: cimg_format::Image,
+    fuse: OwnedFd,
+    (go, ready): (OwnedFd, OwnedFd),
+    parent: Pid,
+    mask: &SigSet,
+    name: &Path,
+    opts: &cimg_fuse::MountOptions,
+) -> ! {
+    let res = (|| -> Result<(), String> {
+        let _ = setsid();
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| errno_msg("pdeathsig", e))?;
+        if getppid() != parent {
+            return Err("launch exited".into());
+        }
+        // SIGUSR1 stays blocked in every thread: it is read from a signalfd (below).
+        let mut mask = *mask;
+        mask.add(Signal::SIGUSR1);
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)
+            .map_err(|e| errno_msg("sigprocmask", e))?;
+        if let Ok(null) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+        unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
+        nix::unistd::write(&ready, b"u").map_err(|e| errno_msg("pipe", e))?;
+        let mut b = [0u8; 1];
+        match nix::unistd::read(&go, &mut b) {
+            Ok(1) => {}
+            _ => return Err("launch did not mount the filesystem".into()),
+        }
+        drop(go);
+        let server = cimg_fuse::attach_fd(img, fuse, name, opts).map_err(|e| e.to_string())?;
+        // From now on the server outlives launch as long as the container lives, but it must
+        // not keep launch's stderr open (a caller reading it would wait for the container's
+        // last daemon): when launch exits, SIGUSR1 arrives and stderr becomes /dev/null.
+        let usr1 = SigSet::from(Signal::SIGUSR1);
+        let sfd = SignalFd::with_flags(&usr1, SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| errno_msg("signalfd", e))?;
+        nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1).map_err(|e| errno_msg("pdeathsig", e))?;
+        std::thread::Builder::new()
+            .name("stderr-guard".into())
+            .spawn(move || {
+                if getppid() == parent {
+                    let _ = sfd.read_signal();
+                }
+                if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        nix::unistd::write(&ready, b"r").map_err(|e| errno_msg("pipe", e))?;
+        drop(ready);
+        server.run().map_err(|e| e.to_string())
+    })();
+    match res {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("launch: FUSE server: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The app's process: its own mount namespace, pivot_root, no privileges, exec. On failure,
+/// `code\tmessage` goes to `report` (closed by a successful exec).
+fn app_main(built: &Built, cmd: &[OsString], report: OwnedFd, parent: Pid, mask: &SigSet) -> ! {
+    let err = (|| -> Error {
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+            return Error::other(errno_msg("pdeathsig", e));
+        }
+        if getppid() != parent {
+            return Error::other("launch exited".into());
+        }
+        if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
+            return Error::other(errno_msg("sigprocmask", e));
+        }
+        if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
+            return Error::other(errno_msg("unshare", e));
+        }
+        if let Err(e) = enter::pivot(&built.root, &built.cwd) {
+            return e;
+        }
+        if let Err(e) = enter::drop_privileges() {
+            return e;
+        }
+        enter::exec(cmd, &built.env)
+    })();
+    let msg = format!("{}\t{}", err.code(), err);
+    let _ = nix::unistd::write(&report, msg.as_bytes());
+    std::process::exit(err.code())
+}
+
+/// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N.
+fn supervise(sfd: &SignalFd, app: Pid, server: Option<Pid>, log: &Log) -> Result<i32, Error> {
+    let pgrp = getpgrp();
+    let mut server_died: Option<String> = None;
+    loop {
+        let si = match sfd.read_signal() {
+            Ok(Some(si)) => si,
+            Ok(None) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::other(errno_msg("signalfd", e))),
+        };
+        let Ok(sig) = Signal::try_from(si.ssi_signo as i32) else {
+            continue;
+        };
+        if sig != Signal::SIGCHLD {
+            // The terminal signals the whole foreground group: the app got it already.
+            let from_tty = si.ssi_code == nix::libc::SI_KERNEL;
+            if !(from_tty && getpgid(Some(app)) == Ok(pgrp)) {
+                let _ = kill(app, sig);
+            }
+            continue;
+        }
+        loop {
+            let st = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(st) => st,
+            };
+            let (pid, code, how) = match st {
+                WaitStatus::Exited(p, c) => (p, c, format!("exit status {c}")),
+                WaitStatus::Signaled(p, s, _) => (p, 128 + s as i32, format!("signal {s}")),
+                _ => continue,
+            };
+            if pid == app {
+                log.v(|| format!("app ended: {how}"));
+                return match server_died {
+                    Some(why) => Err(Error::other(why)),
+                    None => Ok(code),
+                };
+            }
+            if Some(pid) == server {
+                server_died = Some(format!("the FUSE server ended ({how}); the app was killed"));
+                let _ = kill(app, Signal::SIGKILL);
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The only module of `launch` with `unsafe` code: process creation (fork) and the two
+//! mount-API calls that `nix` does not wrap (open_tree, move_mount). Everything else the
+//! launcher needs from the kernel has a safe wrapper in `nix` or `caps`.
+
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::unistd::{ForkResult, Pid};
+
+/// Which side of a fork this is.
+pub enum Forked {
+    /// The parent; the child's pid.
+    Parent(Pid),
+    /// The child.
+    Child,
+}
+
+/// fork(2). Callers fork only while the process is single-threaded (the launcher never
+/// starts a thread; the FUSE server starts its threads after its own fork), so the child may
+/// allocate and do anything the parent could.
+pub fn fork() -> Result<Forked, Errno> {
+    // SAFETY: the launcher process is single-threaded whenever it forks (it starts no
+    // threads; `cimg_format::Image::open` joins any helper threads before returning), so no
+    // lock (allocator, stdio) can be held by another thread in the child.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+// From the kernel's uapi (linux/mount.h, fcntl.h); not all are in the libc crate.
+const OPEN_TREE_CLONE: nix::libc::c_uint = 1;
+const AT_RECURSIVE: nix::libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: nix::libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: nix::libc::c_uint = 0x40;
+
+/// open_tree(2) with `OPEN_TREE_CLONE | AT_RECURSIVE`: a detached copy of the mount tree at
+/// `path` (following symlinks), as it is now. Later mounts on or under `path` are not in it.
+pub fn clone_tree(path: &std::path::Path) -> Result<OwnedFd, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let flags = OPEN_TREE_CLONE | AT_RECURSIVE | nix::libc::O_CLOEXEC as nix::libc::c_uint;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; the syscall takes
+    // (int dfd, const char *path, unsigned flags) and returns a new fd or -1.
+    let fd = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_open_tree,
+            nix::libc::AT_FDCWD,
+            c.as_ptr(),
+            flags,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// move_mount(2) of the detached tree `tree` onto the file or directory `target` refers to.
+pub fn attach_tree(tree: &impl AsRawFd, target: &impl AsRawFd) -> Result<(), Errno> {
+    let empty = c"";
+    // SAFETY: both descriptors are open for the duration of the call and `empty` is a valid
+    // NUL-terminated string; the syscall takes (int, const char *, int, const char *,
+    // unsigned) and returns 0 or -1.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            target.as_raw_fd(),
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! Shared fixtures of the launcher's end-to-end tests: a small real root filesystem made
+//! from the host's own programs and their libraries, packed into a `.cimg`, and helpers that
+//! run the real `launch` binary (as root, or as an ordinary user in a private namespace).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The launch binary under test.
+pub const LAUNCH: &str = env!("CARGO_BIN_EXE_launch");
+
+/// Programs copied into the test image (with the libraries they load).
+const PROGRAMS: &[&str] = &[
+    "sh", "cat", "id", "ls", "env", "sleep", "mknod", "touch", "stat", "mount", "readlink", "echo",
+    "pwd", "true", "false", "kill", "setpriv", "grep", "head", "wc", "rm", "mkdir",
+];
+
+/// Whether tests that need a capability must fail rather than skip.
+pub fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Probe what the launcher needs: root (the tests prepare namespaces and device nodes),
+/// /dev/fuse and user namespaces. Outside CI a missing piece skips the test; in CI it fails.
+pub fn capable() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let fuse = Path::new("/dev/fuse").exists();
+    let userns = Command::new("unshare")
+        .args(["-Urm", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if root && fuse && userns {
+        return true;
+    }
+    assert!(
+        !ci(),
+        "launch tests need root, /dev/fuse and user namespaces (root {root}, fuse {fuse}, userns {userns})"
+    );
+    eprintln!("skipping: needs root, /dev/fuse and user namespaces");
+    false
+}
+
+/// The fixture: a root filesystem directory and its packed image, both readable by anyone.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    /// The work directory (mode 0755).
+    pub work: PathBuf,
+    /// The root filesystem directory.
+    pub rootfs: PathBuf,
+    /// The packed image.
+    pub image: PathBuf,
+}
+
+/// The shared fixture (made once per test binary).
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("launch-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let work = dir.path().to_path_buf();
+        fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+        let rootfs = work.join("rootfs");
+        make_rootfs(&rootfs);
+        let image = work.join("img.cimg");
+        pack(&rootfs, &image, None);
+        Fixture {
+            _dir: dir,
+            work,
+            rootfs,
+            image,
+        }
+    })
+}
+
+/// Pack `dir` into `out` (with `config` JSON stored as the image config).
+pub fn pack(dir: &Path, out: &Path, config: Option<&str>) {
+    let opts = cimg_format::PackOptions {
+        level: 3,
+        config: config.map(|c| c.as_bytes().to_vec()),
+        ..Default::default()
+    };
+    cimg_format::writer::pack_dir(dir, out, &opts, &|_, _| {}).unwrap();
+    fs::set_permissions(out, fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+fn which(p: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(p))
+        .find(|c| c.is_file())
+}
+
+/// A usrmerged root: /bin, /lib, /lib64, /sbin link into /usr; the programs above and every
+/// library `ldd` lists for them; /etc with passwd, group, hosts, resolv.conf; the usual
+/// mount points; a setuid-root copy of `id`.
+pub fn make_rootfs(root: &Path) {
+    for d in [
+        "etc",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "home",
+        "root",
+        "mnt",
+        "usr/bin",
+        "usr/lib",
+        "usr/lib64",
+        "srv/work",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    for (l, t) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        symlink(t, root.join(l)).unwrap();
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:image root:/root:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs::write(root.join("etc/hosts"), "127.0.0.1 image-hosts\n").unwrap();
+    fs::write(root.join("etc/resolv.conf"), "# image\n").unwrap();
+    fs::write(root.join("srv/work/marker"), "in the image\n").unwrap();
+    let mut libs = std::collections::BTreeSet::new();
+    for p in PROGRAMS {
+        let Some(src) = which(p) else {
+            panic!("the test image needs {p} on the host");
+        };
+        fs::copy(&src, root.join("usr/bin").join(p)).unwrap();
+        let o = Command::new("ldd").arg(&src).output().unwrap();
+        for tok in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            if tok.starts_with('/') {
+                libs.insert(PathBuf::from(tok));
+            }
+        }
+    }
+    for l in libs {
+        let rel = l.strip_prefix("/").unwrap();
+        let rel = rel.strip_prefix("usr").unwrap_or(rel);
+        let dst = root.join("usr").join(rel);
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(&l, &dst).unwrap();
+    }
+    fs::copy(root.join("usr/bin/id"), root.join("usr/bin/suid-id")).unwrap();
+    fs::set_permissions(
+        root.join("usr/bin/suid-id"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+}
+
+/// Run launch with `args` as root, stdin closed; its output.
+pub fn launch(args: &[&str]) -> Output {
+    Command::new(LAUNCH)
+        .args(args)
+        .stdin(Stdio::null())
+        .current_dir("/")
+        .output()
+        .unwrap()
+}
+
+/// Text of stdout.
+pub fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Text of stderr.
+pub fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit code (panics if killed).
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or_else(|| panic!("killed: {o:?}"))
+}
+
+/// Assert success and return stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "launch failed: {o:?}\nstderr: {}",
+        err(o)
+    );
+    out(o)
+}
+
+/// A shell script run as uid/gid 65534 with `--clear-groups`, in a private mount namespace
+/// where `/dev/fuse` is a 0666 node (the host's may be 0600). `$LAUNCH` is the binary.
+pub fn as_user(script: &str) -> Output {
+    let f = fixture();
+    let node = f.work.join(format!("fuse-{}", std::process::id()));
+    let wrapper = format!(
+        r#"set -e
+[ -e '{node}' ] || mknod '{node}' c 10 229
+chmod 666 '{node}'; mount --bind '{node}' /dev/fuse
+cd /
+exec setpriv --reuid 65534 --regid 65534 --clear-groups env LAUNCH='{launch}' sh -c "$0"
+"#,
+        node = node.display(),
+        launch = LAUNCH,
+    );
+    Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &wrapper,
+            script,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Processes whose command line mentions `needle` (other than this test process).
+pub fn processes_with(needle: &str) -> Vec<String> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z'));
+            if cmd.contains(needle) && !zombie {
+                found.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Wait until `cond` holds (up to 10 s).
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed().as_secs() < 10, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The number of distinct mount namespaces (of the processes we can see) that hold a cimg
+/// FUSE mount of `image`.
+pub fn mounts_of(image: &Path) -> usize {
+    let mut namespaces = std::collections::BTreeSet::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let (Ok(m), Ok(ns)) = (
+            fs::read_to_string(e.path().join("mountinfo")),
+            fs::read_link(e.path().join("ns/mnt")),
+        ) else {
+            continue;
+        };
+        if m.lines()
+            .any(|l| l.contains("fuse.cimg") && l.contains(&*image.to_string_lossy()))
+        {
+            namespaces.insert(ns);
+        }
+    }
+    namespaces.len()
+}
