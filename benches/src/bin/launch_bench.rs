@@ -1,0 +1,409 @@
+//! launch-bench: container start-up of `launch` against Charliecloud's `ch-run`, on the same
+//! root filesystem, in one run.
+//!
+//! The tree (by default a Debian minbase rootfs with python3 made by debootstrap, see
+//! `--rootfs`) is packed once with `cimg pack` and with `mksquashfs -comp zstd` (cached in
+//! `--work-dir`), plus a `.cimg` packed with the hot list that `launch --record-hot` recorded
+//! for the Python start. Then, rotating the order of the contenders on every run, it times:
+//!
+//! - `CMD -- /bin/true`: the launch latency;
+//! - `CMD -- python3 -c 'import json, email, http.client'` warm (page cache kept) and cold
+//!   (`/proc/sys/vm/drop_caches` before every start; needs root).
+//!
+//! Contenders: `launch img.cimg`, `launch img-hot.cimg`, `ch-run img.sqfs`, `launch DIR`,
+//! `ch-run DIR`, and as floors `unshare -Urm /bin/true` and `unshare -Ur chroot DIR` for
+//! Python. It prints medians, the ratios the launcher issue sets as goals, and the commands.
+
+use anyhow::{Context, Result, bail};
+use cimg_benches::{find_program, median};
+use clap::Parser;
+use serde::Serialize;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "launch-bench",
+    about = "launch vs ch-run start-up latency and Python start"
+)]
+struct Args {
+    /// Root filesystem with python3 (e.g. `debootstrap --variant=minbase --include=python3
+    /// bookworm DIR`).
+    #[arg(long, default_value = "/var/tmp/launch-bench/rootfs")]
+    rootfs: PathBuf,
+    /// Where the images are kept between runs.
+    #[arg(long, default_value = "/var/tmp/launch-bench")]
+    work_dir: PathBuf,
+    /// Runs of each warm measurement.
+    #[arg(long, default_value_t = 21)]
+    runs: usize,
+    /// Runs of each cold measurement (each drops the page cache).
+    #[arg(long, default_value_t = 7)]
+    cold_runs: usize,
+    /// Skip the cold measurements.
+    #[arg(long)]
+    no_cold: bool,
+    /// Repack the images even if they exist.
+    #[arg(long)]
+    repack: bool,
+    /// The Python statement timed.
+    #[arg(long, default_value = "import json, email, http.client")]
+    python: String,
+    /// launch binary (default: next to this one).
+    #[arg(long)]
+    launch: Option<PathBuf>,
+    /// cimg binary (default: next to this one).
+    #[arg(long)]
+    cimg: Option<PathBuf>,
+    /// ch-run binary.
+    #[arg(long, default_value = "ch-run")]
+    ch_run: PathBuf,
+    /// mksquashfs binary.
+    #[arg(long, default_value = "mksquashfs")]
+    mksquashfs: PathBuf,
+    /// Write all runs as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One way of starting a container: argv before the command.
+#[derive(Debug, Clone, Serialize)]
+struct Contender {
+    name: String,
+    prefix: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Row {
+    name: String,
+    true_ms: Vec<f64>,
+    py_warm_ms: Vec<f64>,
+    py_cold_ms: Vec<f64>,
+}
+
+fn sibling(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
+    let p = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    if !p.is_file() {
+        bail!(
+            "{name} not found at {} (cargo build --release, or pass --{name} PATH)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {what}"))?;
+    if !o.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Time one start of `prefix + cmd` (ms); it must succeed.
+fn time_one(prefix: &[String], cmd: &[&str]) -> Result<f64> {
+    let mut c = Command::new(&prefix[0]);
+    c.args(&prefix[1..])
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(u) = USER.get() {
+        c.env("USER", u);
+    }
+    let t = Instant::now();
+    let o = c.output().with_context(|| format!("run {}", prefix[0]))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if !o.status.success() {
+        bail!(
+            "{} {} failed ({}): {}",
+            prefix.join(" "),
+            cmd.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+fn drop_caches() -> Result<()> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .context("write /proc/sys/vm/drop_caches (needs root)")
+}
+
+/// Run every contender `runs` times on `cmd`, rotating the order; `prepare` runs before each
+/// start (untimed).
+fn measure_all(
+    contenders: &[Contender],
+    cmd_for: &dyn Fn(&Contender) -> Vec<String>,
+    runs: usize,
+    prepare: &dyn Fn() -> Result<()>,
+    out: &mut [Vec<f64>],
+) -> Result<()> {
+    let n = contenders.len();
+    for r in 0..runs {
+        for k in 0..n {
+            let i = (r + k) % n;
+            let cmd = cmd_for(&contenders[i]);
+            let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            prepare()?;
+            out[i].push(time_one(&contenders[i].prefix, &cmd)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let launch = sibling("launch", args.launch.as_deref())?;
+    let cimg = sibling("cimg", args.cimg.as_deref())?;
+    let ch_run = find_program(&args.ch_run).with_context(|| {
+        format!(
+            "{} not found (apt-get install charliecloud)",
+            args.ch_run.display()
+        )
+    })?;
+    let mksquashfs = find_program(&args.mksquashfs).with_context(|| {
+        format!(
+            "{} not found (apt-get install squashfs-tools)",
+            args.mksquashfs.display()
+        )
+    })?;
+    let rootfs = &args.rootfs;
+    if !rootfs.join("usr/bin/python3").exists() {
+        bail!(
+            "{} has no usr/bin/python3: make one with `debootstrap --variant=minbase --include=python3 bookworm {}`",
+            rootfs.display(),
+            rootfs.display()
+        );
+    }
+    if !nix::unistd::geteuid().is_root() && !args.no_cold {
+        bail!("cold runs drop the page cache and need root (or pass --no-cold)");
+    }
+    if std::env::var_os("USER").is_none() {
+        // ch-run refuses to start without it: given to every timed command.
+        let name = nix::unistd::User::from_uid(nix::unistd::getuid())?
+            .map(|u| u.name)
+            .unwrap_or_else(|| "root".into());
+        USER.set(OsString::from(name)).ok();
+    }
+    std::fs::create_dir_all(&args.work_dir)?;
+    let img = args.work_dir.join("img.cimg");
+    let img_hot = args.work_dir.join("img-hot.cimg");
+    let hot = args.work_dir.join("python.hot");
+    let sqfs = args.work_dir.join("img.sqfs");
+    let py = ["python3".to_string(), "-c".to_string(), args.python.clone()];
+    let pack_cmd = |out: &Path, hot: Option<&Path>| {
+        let mut c = Command::new(&cimg);
+        c.arg("pack").arg(rootfs).arg(out).arg("-q");
+        if let Some(h) = hot {
+            c.arg("--hot").arg(h);
+        }
+        c
+    };
+    let mut commands: Vec<String> = Vec::new();
+    if args.repack || !img.exists() {
+        eprintln!("packing {}", img.display());
+        run_quiet(&mut pack_cmd(&img, None), "cimg pack")?;
+    }
+    commands.push(cimg_benches::command_line(&pack_cmd(&img, None)));
+    let mut sq = Command::new(&mksquashfs);
+    sq.arg(rootfs)
+        .arg(&sqfs)
+        .args(["-comp", "zstd", "-noappend", "-quiet", "-no-progress"]);
+    if args.repack || !sqfs.exists() {
+        eprintln!("packing {}", sqfs.display());
+        run_quiet(&mut sq, "mksquashfs")?;
+    }
+    commands.push(cimg_benches::command_line(&sq));
+    let mut rec = Command::new(&launch);
+    rec.arg("--record-hot")
+        .arg(&hot)
+        .arg(&img)
+        .arg("--")
+        .args(&py);
+    if args.repack || !img_hot.exists() {
+        eprintln!("recording the hot list and packing {}", img_hot.display());
+        let _ = std::fs::remove_file(&hot);
+        run_quiet(&mut rec, "launch --record-hot")?;
+        let t = Instant::now();
+        while !hot.exists() && t.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        run_quiet(&mut pack_cmd(&img_hot, Some(&hot)), "cimg pack --hot")?;
+    }
+    commands.push(cimg_benches::command_line(&rec));
+    commands.push(cimg_benches::command_line(&pack_cmd(&img_hot, Some(&hot))));
+
+    let s = |p: &Path| p.display().to_string();
+    let l = s(&launch);
+    let c = s(&ch_run);
+    let contenders = vec![
+        Contender {
+            name: "launch img.cimg".into(),
+            prefix: vec![l.clone(), s(&img), "--".into()],
+        },
+        Contender {
+            name: "launch img-hot.cimg".into(),
+            prefix: vec![l.clone(), s(&img_hot), "--".into()],
+        },
+        Contender {
+            name: "ch-run img.sqfs".into(),
+            prefix: vec![c.clone(), s(&sqfs), "--".into()],
+        },
+        Contender {
+            name: "launch DIR".into(),
+            prefix: vec![l.clone(), s(rootfs), "--".into()],
+        },
+        Contender {
+            name: "ch-run DIR".into(),
+            prefix: vec![c.clone(), s(rootfs), "--".into()],
+        },
+        Contender {
+            name: "floor: unshare -Urm".into(),
+            prefix: vec!["unshare".into(), "-Urm".into()],
+        },
+        Contender {
+            name: "floor: unshare -Ur chroot DIR".into(),
+            prefix: vec!["unshare".into(), "-Ur".into(), "chroot".into(), s(rootfs)],
+        },
+    ];
+    for k in &contenders {
+        commands.push(format!("{} CMD", k.prefix.join(" ")));
+    }
+    let n = contenders.len();
+    let mut rows: Vec<Row> = contenders
+        .iter()
+        .map(|k| Row {
+            name: k.name.clone(),
+            ..Default::default()
+        })
+        .collect();
+
+    // Warm-up: every contender once on each command (page cache of images and rootfs).
+    let nothing = || Ok(());
+    let true_cmd = |_: &Contender| vec!["/bin/true".to_string()];
+    let py_cmd = |_: &Contender| py.to_vec();
+    let mut scratch = vec![Vec::new(); n];
+    measure_all(&contenders, &true_cmd, 1, &nothing, &mut scratch)?;
+    measure_all(&contenders, &py_cmd, 1, &nothing, &mut scratch)?;
+
+    eprintln!("timing /bin/true ({} runs each)", args.runs);
+    let mut t = vec![Vec::new(); n];
+    measure_all(&contenders, &true_cmd, args.runs, &nothing, &mut t)?;
+    eprintln!("timing warm python ({} runs each)", args.runs);
+    let mut w = vec![Vec::new(); n];
+    measure_all(&contenders, &py_cmd, args.runs, &nothing, &mut w)?;
+    let mut cd = vec![Vec::new(); n];
+    if !args.no_cold {
+        eprintln!(
+            "timing cold python ({} runs each, page cache dropped before each)",
+            args.cold_runs
+        );
+        measure_all(&contenders, &py_cmd, args.cold_runs, &drop_caches, &mut cd)?;
+    }
+    for i in 0..n {
+        rows[i].true_ms = t[i].clone();
+        rows[i].py_warm_ms = w[i].clone();
+        rows[i].py_cold_ms = cd[i].clone();
+    }
+
+    // Report.
+    let files = cimg_benches::read_tree(rootfs, false);
+    println!(
+        "launch-bench: rootfs {} ({} files, {}), python3 -c '{}'",
+        rootfs.display(),
+        files.files,
+        cimg_benches::human_bytes(files.bytes),
+        args.python
+    );
+    println!(
+        "medians in ms; /bin/true and warm python over {} runs, cold python over {} runs",
+        args.runs, args.cold_runs
+    );
+    println!();
+    println!(
+        "{:<32} {:>10} {:>12} {:>12}",
+        "contender", "/bin/true", "python warm", "python cold"
+    );
+    let med = |v: &[f64]| if v.is_empty() { f64::NAN } else { median(v) };
+    for r in &rows {
+        println!(
+            "{:<32} {:>10.2} {:>12.2} {:>12.2}",
+            r.name,
+            med(&r.true_ms),
+            med(&r.py_warm_ms),
+            med(&r.py_cold_ms)
+        );
+    }
+    let get = |name: &str| rows.iter().find(|r| r.name == name).unwrap();
+    let (li, lh, ch, ld) = (
+        get("launch img.cimg"),
+        get("launch img-hot.cimg"),
+        get("ch-run img.sqfs"),
+        get("launch DIR"),
+    );
+    println!();
+    let goal = |what: &str, x: f64, limit: f64| {
+        println!(
+            "{:<58} {:>6.3}  (goal <= {limit})  {}",
+            what,
+            x,
+            if x <= limit { "PASS" } else { "FAIL" }
+        );
+    };
+    goal(
+        "launch latency: launch img.cimg / ch-run img.sqfs",
+        med(&li.true_ms) / med(&ch.true_ms),
+        0.5,
+    );
+    if !args.no_cold {
+        goal(
+            "cold python: launch img.cimg / ch-run img.sqfs",
+            med(&li.py_cold_ms) / med(&ch.py_cold_ms),
+            0.7,
+        );
+        goal(
+            "cold python: launch img-hot.cimg / ch-run img.sqfs",
+            med(&lh.py_cold_ms) / med(&ch.py_cold_ms),
+            0.7,
+        );
+    }
+    goal(
+        "warm python: launch img.cimg / launch DIR",
+        med(&li.py_warm_ms) / med(&ld.py_warm_ms),
+        1.1,
+    );
+    goal(
+        "warm python: launch img-hot.cimg / launch DIR",
+        med(&lh.py_warm_ms) / med(&ld.py_warm_ms),
+        1.1,
+    );
+    println!();
+    println!("commands:");
+    for c in &commands {
+        println!("  {c}");
+    }
+    if let Some(j) = &args.json {
+        let v = serde_json::json!({ "rootfs": rootfs, "python": args.python, "contenders": contenders, "rows": rows, "commands": commands });
+        std::fs::write(j, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("write {}", j.display()))?;
+    }
+    Ok(())
+}
+
+/// `USER` for the timed commands when the environment has none.
+static USER: std::sync::OnceLock<OsString> = std::sync::OnceLock::new();
