@@ -306,6 +306,10 @@ fn compare_plots_both_runs() {
         table.contains("alpha-run") && table.contains("beta-run"),
         "{table}"
     );
+    assert!(
+        table.lines().skip(1).all(|l| l.contains(" warm ")),
+        "the cache column: {table}"
+    );
     // The union of the reader counts, with `-` where a run did not measure.
     let header = table.lines().next().unwrap();
     assert!(header.ends_with("1 reader         2         3"), "{header}");
@@ -379,6 +383,7 @@ fn errors_are_one_line_with_a_nonzero_status() {
     );
 }
 
+/// As root: a cold run drops the caches and visits each entry once; otherwise it refuses.
 #[test]
 fn drop_caches_needs_root_and_marks_the_run_cold() {
     let d = tempfile::tempdir().unwrap();
@@ -393,7 +398,7 @@ fn drop_caches_needs_root_and_marks_the_run_cold() {
         "--readers",
         "1",
         "--duration",
-        "0.05",
+        "5",
         "--json",
         s(&json),
         "-q",
@@ -404,8 +409,19 @@ fn drop_caches_needs_root_and_marks_the_run_cold() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(read_json(&json)["cache"], "cold");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("cold cache"));
+        let j = read_json(&json);
+        assert_eq!(j["cache"], "cold");
+        // A cold run visits each entry once: the root, 3 directories, 30 files and a symlink,
+        // in far less than the 5 s allowed.
+        let p = &j["metrics"][0]["points"][0];
+        assert_eq!(p["ops"], 35, "{p}");
+        assert_eq!(p["exhausted"], true, "{p}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("cold cache"), "{stdout}");
+        assert!(
+            stdout.contains("* every block or entry was used once"),
+            "{stdout}"
+        );
     } else {
         assert_one_line_error(&out, 1, "cimg-bench: --drop-caches: needs root");
     }

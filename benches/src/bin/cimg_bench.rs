@@ -134,9 +134,10 @@ fn compare(cli: &Cli) -> Result<()> {
             .with_context(|| format!("{}: not a cimg-bench --json file", p.display()))?;
         runs.push(run);
     }
-    // Runs must be told apart in the table and the plot.
+    // Runs must be told apart in the table and the plot (by label and cache mode).
     for i in 0..runs.len() {
-        if runs[..i].iter().any(|r| r.label == runs[i].label) {
+        let same = |r: &Run| r.label == runs[i].label && r.cache == runs[i].cache;
+        if runs[..i].iter().any(same) {
             let name = cli.compare[i]
                 .file_name()
                 .unwrap_or_default()
@@ -286,7 +287,8 @@ fn bench(cli: &Cli) -> Result<()> {
     let cache = if cli.drop_caches { "cold" } else { "warm" };
     if cli.drop_caches {
         note(
-            "cold cache: page cache, dentries and inodes are dropped before each measurement"
+            "cold cache: page cache, dentries and inodes are dropped before each measurement, \
+             which uses each block and entry at most once"
                 .into(),
         );
     } else {
@@ -325,6 +327,7 @@ fn bench(cli: &Cli) -> Result<()> {
         tree: &tree,
         big: &big,
         block_size: cli.block_size,
+        once: cli.drop_caches,
     };
     let mut results = Vec::new();
     let mut done = 0usize;

@@ -113,6 +113,10 @@ pub struct Point {
     pub errors: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Every reader ran out of work before the duration was over: in a cold-cache run each
+    /// block and entry is used once, and there were not enough of them.
+    #[serde(default)]
+    pub exhausted: bool,
 }
 
 /// The results of one metric over the reader counts, or why it was skipped.

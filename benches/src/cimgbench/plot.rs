@@ -96,6 +96,7 @@ pub fn write_svg(runs: &[Run], path: &Path) -> Result<()> {
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .y_max_light_lines(1)
             .x_labels(readers.len())
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)

@@ -34,15 +34,20 @@ pub fn fmt_block(n: u64) -> String {
     }
 }
 
+/// The values of `r` for `readers`: `-` where not measured, a `*` after a value whose readers ran
+/// out of work before the time was up.
 fn cells(r: &MetricResult, readers: &[usize]) -> Vec<String> {
     readers
         .iter()
         .map(|&n| match r.point(n) {
+            Some(p) if p.exhausted => format!("{}*", fmt_value(p.value)),
             Some(p) => fmt_value(p.value),
             None => "-".into(),
         })
         .collect()
 }
+
+const EXHAUSTED: &str = "* every block or entry was used once before the time was up (a cold-cache run uses each at most once): a short measurement";
 
 fn header(first: &[(&str, usize)], readers: &[usize]) -> String {
     let mut s = String::new();
@@ -95,14 +100,23 @@ pub fn run_table(run: &Run) -> String {
             }
         }
     }
+    let any_exhausted = run
+        .metrics
+        .iter()
+        .flat_map(|m| &m.points)
+        .any(|p| p.exhausted);
+    if any_exhausted {
+        notes.push(EXHAUSTED.into());
+    }
     for n in notes {
         let _ = writeln!(out, "{n}");
     }
     out
 }
 
-/// The table of several runs: for each metric a line per run, a column per reader count (the
-/// union of the runs' reader counts; `-` where a run did not measure it).
+/// The table of several runs: for each metric a line per run (its label and cache mode), a
+/// column per reader count (the union of the runs' reader counts; `-` where a run did not
+/// measure it).
 pub fn compare_table(runs: &[Run]) -> String {
     let readers = all_readers(runs);
     let lw = runs
@@ -120,16 +134,20 @@ pub fn compare_table(runs: &[Run]) -> String {
                 metric_title(r, run.block_size),
                 r.unit.clone(),
                 &run.label,
+                &run.cache,
                 r.skipped.is_some(),
                 cells(r, &readers),
             ));
         }
     }
     let tw = rows.iter().map(|r| r.1.len()).max().unwrap_or(6).max(6);
-    let mut out = header(&[("metric", tw), ("unit  ", 6), ("run", lw)], &readers);
+    let mut out = header(
+        &[("metric", tw), ("unit  ", 6), ("run", lw), ("cache", 5)],
+        &readers,
+    );
     out.push('\n');
     let mut last = None;
-    for (m, title, unit, label, skipped, cells) in rows {
+    for (m, title, unit, label, cache, skipped, cells) in rows {
         let (title, unit) = if last == Some(m) {
             (String::new(), String::new())
         } else {
@@ -137,7 +155,7 @@ pub fn compare_table(runs: &[Run]) -> String {
         };
         last = Some(m);
         let label: String = label.chars().take(lw).collect();
-        let _ = write!(out, "{title:<tw$}  {unit:<6}  {label:<lw$}  ");
+        let _ = write!(out, "{title:<tw$}  {unit:<6}  {label:<lw$}  {cache:<5}  ");
         if skipped {
             let _ = write!(out, "{:>10}", "skipped");
         } else {
@@ -146,6 +164,14 @@ pub fn compare_table(runs: &[Run]) -> String {
             }
         }
         out.push('\n');
+    }
+    if runs
+        .iter()
+        .flat_map(|r| &r.metrics)
+        .flat_map(|m| &m.points)
+        .any(|p| p.exhausted)
+    {
+        let _ = writeln!(out, "{EXHAUSTED}");
     }
     out
 }

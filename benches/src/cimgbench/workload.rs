@@ -1,8 +1,9 @@
 //! The timed workloads of `cimg-bench`: N reader threads doing one kind of operation (sequential
 //! or random `pread`, `lstat`, `open` + `close`, whole-directory listing) for a fixed time, and
 //! the resulting [`Point`]. Files are opened before the clock starts; the threads start together
-//! on a barrier; each reader completes at least one operation, and the time runs until the last
-//! reader has finished its current operation after the stop.
+//! on a barrier; the time runs until the last reader has finished its current operation after
+//! the stop. In "once" mode (cold-cache runs) the readers split the work so that every block and
+//! every entry is used at most once per measurement, and a reader stops when its share is done.
 
 use super::tree::Tree;
 use super::{BigFile, Metric, Point};
@@ -10,18 +11,21 @@ use crate::Prng;
 use anyhow::{Context, Result, anyhow, bail};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// What the workloads run on.
+/// What the workloads run on, and how.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub tree: &'a Tree,
     pub big: &'a [BigFile],
     /// Read size of the sequential and random bandwidth metrics.
     pub block_size: u64,
+    /// Use every block and entry at most once (the readers split them), instead of going round
+    /// again until the time is up: with a dropped cache, nothing is then read from the cache
+    /// that the measurement itself filled.
+    pub once: bool,
 }
 
 /// The block size of [`Metric::Rand4kIops`].
@@ -33,6 +37,8 @@ struct Counts {
     bytes: u64,
     errors: u64,
     first_error: Option<String>,
+    /// The reader ran out of work (once mode) before it was stopped.
+    done: bool,
 }
 
 /// Whether a failed operation ends the measurement (reads of the big files) or is counted and
@@ -44,22 +50,27 @@ enum OnError {
 }
 
 /// Runs one reader: waits on the barrier (also when `prep` failed, so that no thread is left
-/// waiting), then calls `step` until `stop` is set; `step` returns the bytes it transferred.
+/// waiting), then calls `step` until `stop` is set or `step` has no more work (`Ok(None)`);
+/// `step` returns the bytes (or items) it transferred.
 fn reader<S>(
     prep: Result<S>,
     barrier: &Barrier,
     stop: &AtomicBool,
     on_error: OnError,
-    mut step: impl FnMut(&mut S) -> Result<u64>,
+    mut step: impl FnMut(&mut S) -> Result<Option<u64>>,
 ) -> Result<Counts> {
     barrier.wait();
     let mut state = prep?;
     let mut c = Counts::default();
     loop {
         match step(&mut state) {
-            Ok(n) => {
+            Ok(Some(n)) => {
                 c.ops += 1;
                 c.bytes += n;
+            }
+            Ok(None) => {
+                c.done = true;
+                return Ok(c);
             }
             Err(e) if on_error == OnError::Count => {
                 c.errors += 1;
@@ -73,8 +84,9 @@ fn reader<S>(
     }
 }
 
-/// Measures `metric` with `readers` parallel readers for `duration`. `tick` is called from the
-/// timing thread about every 50 ms with the fraction of `duration` elapsed.
+/// Measures `metric` with `readers` parallel readers for `duration` (or, in once mode, until the
+/// work is done if that comes first). `tick` is called from the timing thread about every 50 ms
+/// with the fraction of `duration` elapsed.
 pub fn measure(
     metric: Metric,
     readers: usize,
@@ -99,7 +111,7 @@ pub fn measure(
                 break;
             }
             tick(el.as_secs_f64() / duration.as_secs_f64());
-            std::thread::sleep((duration - el).min(Duration::from_millis(50)));
+            std::thread::sleep((duration - el).min(Duration::from_millis(20)));
         }
         stop.store(true, Ordering::Relaxed);
         let results: Vec<Result<Counts>> = handles
@@ -111,12 +123,16 @@ pub fn measure(
             .collect();
         (results, start.elapsed().as_secs_f64())
     });
-    let mut total = Counts::default();
+    let mut total = Counts {
+        done: true,
+        ..Counts::default()
+    };
     for r in results {
         let c = r?;
         total.ops += c.ops;
         total.bytes += c.bytes;
         total.errors += c.errors;
+        total.done &= c.done;
         if total.first_error.is_none() {
             total.first_error = c.first_error;
         }
@@ -144,6 +160,7 @@ pub fn measure(
         latency_us: readers as f64 * secs / total.ops as f64 * 1e6,
         errors: total.errors,
         first_error: total.first_error,
+        exhausted: total.done,
     })
 }
 
@@ -175,14 +192,74 @@ fn read_block(f: &File, b: &BigFile, buf: &mut [u8], off: u64) -> Result<u64> {
     Ok(done as u64)
 }
 
-/// Items `i * n / readers`, `+1`, ... (wrapping) of `list`: each reader starts at its own place.
-fn cycle<T>(list: &[T], i: usize, readers: usize) -> impl Iterator<Item = &T> {
-    let start = if list.is_empty() {
-        0
+/// The items reader `i` of `readers` uses: in once mode its own slice of `list`; otherwise all
+/// of `list` round and round, starting at the beginning of its slice.
+fn share<'a, T>(
+    list: &'a [T],
+    i: usize,
+    readers: usize,
+    once: bool,
+) -> Box<dyn Iterator<Item = &'a T> + Send + 'a>
+where
+    T: Sync,
+{
+    let (start, end) = (i * list.len() / readers, (i + 1) * list.len() / readers);
+    if once {
+        Box::new(list[start..end].iter())
     } else {
-        i * list.len() / readers
-    };
-    list[start..].iter().chain(&list[..start]).cycle()
+        Box::new(list[start..].iter().chain(&list[..start]).cycle())
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The blocks of all the read files as one numbered space, visited in a pseudo-random order
+/// (an affine permutation `k -> (a k + c) mod n` with `a` coprime to `n`), so that readers can
+/// split it without coordination and, in once mode, read each block exactly once.
+#[derive(Debug)]
+pub struct BlockSpace {
+    /// `starts[f]` is the number of the first block of file `f`; the last entry is the total.
+    starts: Vec<u64>,
+    a: u64,
+    c: u64,
+}
+
+impl BlockSpace {
+    /// Blocks of `bs` bytes of each file (at least one per file; a partial last block is left
+    /// out unless the file is smaller than one block).
+    pub fn new(sizes: &[u64], bs: u64, seed: u64) -> Self {
+        let mut starts = vec![0];
+        for s in sizes {
+            let last = *starts.last().expect("non-empty");
+            starts.push(last + (s / bs).max(1));
+        }
+        let n = *starts.last().expect("non-empty");
+        let mut a = ((n as f64 * 0.618_033_988_75) as u64).max(1);
+        while gcd(a, n) != 1 {
+            a += 1;
+        }
+        let c = Prng::new(seed).below(n);
+        BlockSpace { starts, a, c }
+    }
+
+    /// The number of blocks.
+    pub fn len(&self) -> u64 {
+        *self.starts.last().expect("non-empty")
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `k`-th block of the order (`k < len()`): (file index, block index in the file).
+    pub fn get(&self, k: u64) -> (usize, u64) {
+        let n = self.len();
+        let g = ((self.a as u128 * k as u128 + self.c as u128) % n as u128) as u64;
+        let f = self.starts.partition_point(|&s| s <= g) - 1;
+        (f, g - self.starts[f])
+    }
 }
 
 fn run_reader(
@@ -195,29 +272,43 @@ fn run_reader(
 ) -> Result<Counts> {
     match metric {
         Metric::SeqRead => {
-            // Reader i reads file i % n from its own start offset, so that readers sharing a
-            // file (more readers than big files) read different parts of it.
+            // Reader i reads file i % F; the readers of one file start at evenly spaced offsets
+            // (each its own part). Without once mode a reader goes on past its part and starts
+            // again at 0 at the end of the file; in once mode it stops at the end of its part.
             let prep = open_big(t.big).map(|files| {
                 let nf = files.len();
                 let (f, b) = files.into_iter().nth(i % nf).expect("i % nf < nf");
-                let groups = readers.div_ceil(nf) as u64;
+                // Readers of this file, and which of them this one is.
+                let group = (readers - i % nf).div_ceil(nf) as u64;
                 let k = (i / nf) as u64;
-                let off = (b.size / groups * k) / t.block_size * t.block_size;
-                (f, b, off, vec![0u8; t.block_size as usize])
+                let bs = t.block_size;
+                let at = |k: u64| (b.size / group * k) / bs * bs;
+                let end = if k + 1 == group { b.size } else { at(k + 1) };
+                (f, b, at(k), end, vec![0u8; bs as usize])
             });
-            reader(prep, barrier, stop, OnError::Fail, |(f, b, off, buf)| {
-                let mut n = read_block(f, b, buf, *off)?;
-                if n == 0 {
-                    // The end: start again from the beginning.
-                    *off = 0;
-                    n = read_block(f, b, buf, 0)?;
-                    if n == 0 {
-                        bail!("read {}: the file is empty", b.path);
+            let once = t.once;
+            reader(
+                prep,
+                barrier,
+                stop,
+                OnError::Fail,
+                |(f, b, off, end, buf)| {
+                    if once && *off >= *end {
+                        return Ok(None);
                     }
-                }
-                *off += n;
-                Ok(n)
-            })
+                    let mut n = read_block(f, b, buf, *off)?;
+                    if n == 0 {
+                        // The end of the file: start again from the beginning.
+                        *off = 0;
+                        n = read_block(f, b, buf, 0)?;
+                        if n == 0 {
+                            bail!("read {}: the file is empty", b.path);
+                        }
+                    }
+                    *off += n;
+                    Ok(Some(n))
+                },
+            )
         }
         Metric::RandRead | Metric::Rand4kIops => {
             let bs = if metric == Metric::RandRead {
@@ -225,42 +316,53 @@ fn run_reader(
             } else {
                 IOPS_BLOCK
             };
-            let prep = open_big(t.big).map(|files| {
-                let rng = Prng::new(0x5EED_0000 + i as u64);
-                (files, rng, vec![0u8; bs as usize])
-            });
-            reader(prep, barrier, stop, OnError::Fail, |(files, rng, buf)| {
-                let (f, b) = &files[rng.below(files.len() as u64) as usize];
-                let blocks = (b.size / bs).max(1);
-                read_block(f, b, buf, rng.below(blocks) * bs)
+            let sizes: Vec<u64> = t.big.iter().map(|b| b.size).collect();
+            let space = BlockSpace::new(&sizes, bs, 0x5EED);
+            let n = space.len();
+            let prep = open_big(t.big).map(|files| (files, i as u64, vec![0u8; bs as usize]));
+            let once = t.once;
+            reader(prep, barrier, stop, OnError::Fail, |(files, k, buf)| {
+                if *k >= n {
+                    if once {
+                        return Ok(None);
+                    }
+                    *k %= n;
+                }
+                let (fi, block) = space.get(*k);
+                *k += readers as u64;
+                let (f, b) = &files[fi];
+                read_block(f, b, buf, block * bs).map(Some)
             })
         }
         Metric::Stat => {
-            let prep = nonempty(&t.tree.entries, "entry").map(|l| cycle(l, i, readers));
+            let prep = nonempty(&t.tree.entries, "entry").map(|l| share(l, i, readers, t.once));
             reader(prep, barrier, stop, OnError::Count, |it| {
-                let p = it.next().expect("cycle is endless");
+                let Some(p) = it.next() else { return Ok(None) };
                 std::fs::symlink_metadata(p).with_context(|| format!("lstat {}", p.display()))?;
-                Ok(0)
+                Ok(Some(0))
             })
         }
         Metric::Open => {
-            let prep = nonempty(&t.tree.files, "regular file").map(|l| cycle(l, i, readers));
+            let prep =
+                nonempty(&t.tree.files, "regular file").map(|l| share(l, i, readers, t.once));
             reader(prep, barrier, stop, OnError::Count, |it| {
-                let (p, _) = it.next().expect("cycle is endless");
+                let Some((p, _)) = it.next() else {
+                    return Ok(None);
+                };
                 File::open(p).with_context(|| format!("open {}", p.display()))?;
-                Ok(0)
+                Ok(Some(0))
             })
         }
         Metric::Readdir => {
-            let prep = nonempty(&t.tree.dirs, "directory").map(|l| cycle(l, i, readers));
+            let prep = nonempty(&t.tree.dirs, "directory").map(|l| share(l, i, readers, t.once));
             reader(prep, barrier, stop, OnError::Count, |it| {
-                let p: &PathBuf = it.next().expect("cycle is endless");
+                let Some(p) = it.next() else { return Ok(None) };
                 let mut n = 0;
                 for e in std::fs::read_dir(p).with_context(|| format!("readdir {}", p.display()))? {
                     e.with_context(|| format!("readdir {}", p.display()))?;
                     n += 1;
                 }
-                Ok(n)
+                Ok(Some(n))
             })
         }
     }
@@ -292,6 +394,7 @@ mod tests {
             tree: &tree,
             big: &big,
             block_size: 64 * 1024,
+            once: false,
         };
         for m in Metric::ALL {
             for readers in [1, 3] {
@@ -328,6 +431,7 @@ mod tests {
             tree: &tree,
             big: &[],
             block_size: 4096,
+            once: false,
         };
         let e = measure(
             Metric::SeqRead,
@@ -354,9 +458,78 @@ mod tests {
             tree: &tree,
             big: &[],
             block_size: 4096,
+            once: false,
         };
         let p = measure(Metric::Stat, 1, Duration::from_millis(30), t, &mut |_| {}).unwrap();
         assert!(p.errors > 0 && p.ops > 0, "{p:?}");
         assert!(p.first_error.unwrap().starts_with("lstat "));
+    }
+}
+
+#[cfg(test)]
+mod once_tests {
+    use super::*;
+
+    #[test]
+    fn block_space_is_a_permutation() {
+        for sizes in [
+            vec![10 * 4096u64],
+            vec![3 * 4096, 100, 7 * 4096 + 5],
+            vec![1],
+        ] {
+            let s = BlockSpace::new(&sizes, 4096, 9);
+            let n = s.len();
+            let expect: u64 = sizes.iter().map(|x| (x / 4096).max(1)).sum();
+            assert_eq!(n, expect);
+            let mut seen: Vec<(usize, u64)> = (0..n).map(|k| s.get(k)).collect();
+            assert!(seen.iter().all(|&(f, b)| b < (sizes[f] / 4096).max(1)));
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len() as u64, n, "{sizes:?}: every block once");
+        }
+    }
+
+    /// In once mode every entry, file and block is used exactly once, however many readers.
+    #[test]
+    fn once_mode_uses_everything_exactly_once() {
+        let d = tempfile::tempdir().unwrap();
+        for k in 0..7 {
+            std::fs::create_dir(d.path().join(format!("d{k}"))).unwrap();
+            std::fs::write(d.path().join(format!("d{k}/f")), b"abc").unwrap();
+        }
+        std::fs::write(d.path().join("big"), vec![1u8; 40 * 4096 + 100]).unwrap();
+        std::fs::write(d.path().join("big2"), vec![2u8; 24 * 4096]).unwrap();
+        let tree = super::super::tree::walk(d.path(), 1000, |_| {});
+        let big = tree.big_files(10 * 4096, 4);
+        let t = Target {
+            tree: &tree,
+            big: &big,
+            block_size: 8192,
+            once: true,
+        };
+        let long = Duration::from_secs(30);
+        for readers in [1, 3, 4, 50] {
+            let m = |m| measure(m, readers, long, t, &mut |_| {}).unwrap();
+            let p = m(Metric::Stat);
+            assert_eq!(p.ops, tree.entries.len() as u64);
+            assert!(p.exhausted && p.secs < 10.0);
+            assert_eq!(m(Metric::Open).ops, 9);
+            let p = m(Metric::Readdir);
+            assert_eq!((p.ops, p.bytes), (8, 9 + 7));
+            // Sequential: every byte once, in parts.
+            let p = m(Metric::SeqRead);
+            let want = if readers == 1 {
+                40 * 4096 + 100
+            } else {
+                64 * 4096 + 100
+            };
+            assert_eq!(p.bytes, want, "{readers} readers");
+            assert!(p.exhausted);
+            // Random: every whole block once.
+            let p = m(Metric::RandRead);
+            assert_eq!(p.ops, 20 + 12, "{readers} readers");
+            assert_eq!(p.bytes, 32 * 8192);
+            assert_eq!(m(Metric::Rand4kIops).ops, 40 + 24);
+        }
     }
 }
