@@ -1,10 +1,11 @@
 //! Importing images made by real tools on this machine: `umoci` (multi-layer OCI layouts with
-//! whiteouts, an opaque directory, hard links, symlinks, xattrs, devices, owners), `skopeo`
-//! (`oci-archive:`, `docker-archive:`, zstd layers), `buildah` (from scratch, vfs storage,
-//! `oci-archive:` and `docker-archive:`), `mksquashfs` and GNU `tar` (gzip, zstd, xz; gnu and
-//! posix formats). Each is packed with the `cimg` binary and unpacked again with `cimg unpack`,
-//! and the result is compared with the tree the tool itself says the image holds: `umoci unpack`'s
-//! rootfs, `unsquashfs`'s output, `tar -x`'s output.
+//! whiteouts, an opaque directory, hard links, symlinks, xattrs, devices, owners, two images
+//! in one layout), `skopeo` (`oci-archive:`, `docker-archive:`, zstd layers), `buildah` (from
+//! scratch, vfs storage, `oci:`, `oci-archive:` and `docker-archive:`), `podman` (`save` as a
+//! multi-image `docker-archive`, `oci-archive`, `oci-dir`), `mksquashfs` and GNU `tar` (gzip,
+//! zstd, xz; gnu and posix formats, sparse files). Each is packed with the `cimg` binary and
+//! unpacked again with `cimg unpack`, and the result is compared with the tree the tool itself
+//! says the image holds: `umoci unpack`'s rootfs, `unsquashfs`'s output, `tar -x`'s output.
 //!
 //! A test whose tool is missing fails when `CI=true` (the CI script installs them), and
 //! otherwise prints why it is skipped. The layered-image tests need root (owners, devices).
@@ -185,8 +186,11 @@ fn base_layer(r: &Path) {
     set_mtime(&r.join("usr/bin/tool"), 1_650_000_000, 0);
 }
 
-/// The second layer, as changes to the first's tree (umoci and buildah diff it).
-fn second_layer(r: &Path) {
+/// The second layer, as changes to the first's tree (umoci and buildah diff it). With
+/// `dir_to_file`, a directory holding a file becomes a file: umoci 0.4.7 then writes the new
+/// file and after it a whiteout *under* it (`var/lib/dir_becomes_file/.wh.x`), which
+/// `umoci unpack` and `cimg` ignore but podman's storage refuses to apply.
+fn second_layer(r: &Path, dir_to_file: bool) {
     fs::remove_dir_all(r.join("var/cache/gone")).unwrap();
     fs::remove_file(r.join("etc/to_delete")).unwrap();
     write(
@@ -201,8 +205,10 @@ fn second_layer(r: &Path) {
     fs::hard_link(r.join("usr/bin/busy"), r.join("usr/bin/sh")).unwrap();
     fs::remove_file(r.join("var/lib/becomes_link")).unwrap();
     symlink("../../etc/hosts", r.join("var/lib/becomes_link")).unwrap();
-    fs::remove_dir_all(r.join("var/lib/dir_becomes_file")).unwrap();
-    write(&r.join("var/lib/dir_becomes_file"), b"now a file");
+    if dir_to_file {
+        fs::remove_dir_all(r.join("var/lib/dir_becomes_file")).unwrap();
+        write(&r.join("var/lib/dir_becomes_file"), b"now a file");
+    }
     write(&r.join("opt/app/run"), &pseudo_data(5, 300_000));
     chmod(&r.join("opt/app/run"), 0o750);
     xattr::set(r.join("opt/app/run"), "user.layer", b"2").unwrap();
@@ -241,8 +247,9 @@ fn third_layer_tar(work: &Path) -> PathBuf {
 }
 
 /// Build a three-layer OCI layout `DIR/img:t` with umoci (layers 1, 2 by `umoci repack`, layer
-/// 3 by `umoci raw add-layer`) and a config. Returns the layout.
-fn umoci_image(work: &Path) -> PathBuf {
+/// 3 by `umoci raw add-layer`) and a config; `DIR/img:t2` is the image after layer 2. Returns
+/// the layout. `dir_to_file`: see [`second_layer`].
+fn umoci_image(work: &Path, dir_to_file: bool) -> PathBuf {
     let img = work.join("img");
     let tagged = format!("{}:t", img.display());
     run(Command::new("umoci").args(["init", "--layout"]).arg(&img));
@@ -259,10 +266,11 @@ fn umoci_image(work: &Path) -> PathBuf {
     run(Command::new("umoci")
         .args(["unpack", "--image", &tagged])
         .arg(&b2));
-    second_layer(&b2.join("rootfs"));
+    second_layer(&b2.join("rootfs"), dir_to_file);
     run(Command::new("umoci")
         .args(["repack", "--image", &tagged])
         .arg(&b2));
+    run(Command::new("umoci").args(["tag", "--image", &tagged, "t2"]));
     let l3 = third_layer_tar(work);
     run(Command::new("umoci")
         .args(["raw", "add-layer", "--image", &tagged])
@@ -292,11 +300,23 @@ fn umoci_rootfs(layout: &Path, tag: &str, work: &Path, name: &str) -> PathBuf {
     b.join("rootfs")
 }
 
-/// The number of layers in the manifest of the only image of an OCI layout directory.
-fn layer_count(layout: &Path) -> usize {
+/// The number of layers in the manifest of image `tag` (or the only image) of an OCI layout
+/// directory.
+fn layer_count(layout: &Path, tag: Option<&str>) -> usize {
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let d = index["manifests"][0]["digest"].as_str().unwrap();
+    let all = index["manifests"].as_array().unwrap();
+    let desc = match tag {
+        Some(t) => all
+            .iter()
+            .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == t)
+            .unwrap(),
+        None => {
+            assert_eq!(all.len(), 1);
+            &all[0]
+        }
+    };
+    let d = desc["digest"].as_str().unwrap();
     let m: serde_json::Value = serde_json::from_slice(
         &fs::read(
             layout
@@ -359,8 +379,9 @@ fn umoci_and_skopeo_images_equal_umoci_unpack() {
     }
     let d = tempfile::tempdir().unwrap();
     let w = d.path();
-    let img = umoci_image(w);
-    assert_eq!(layer_count(&img), 3);
+    let img = umoci_image(w, true);
+    assert_eq!(layer_count(&img, Some("t")), 3);
+    assert_eq!(layer_count(&img, Some("t2")), 2);
     let want = umoci_rootfs(&img, "t", w, "ref");
     check_reference(
         &want,
@@ -377,17 +398,34 @@ fn umoci_and_skopeo_images_equal_umoci_unpack() {
     assert!(!want.join("var/lib/opq/old1").exists());
     assert_eq!(fs::read(want.join("var/lib/opq/fresh")).unwrap(), b"fresh");
     assert!(want.join("usr/bin/sh").exists() && !want.join("usr/sbin/init").exists());
+    assert!(want.join("var/lib/dir_becomes_file").is_file());
     assert_eq!(
         fs::read_link(want.join("var/lib/becomes_link")).unwrap(),
         Path::new("../../etc/hosts")
     );
 
-    let got = pack_unpack(&img, w, "oci-dir", &[]);
+    // The layout holds two images: --ref chooses.
+    let out = cimg()
+        .args(["pack", "-q"])
+        .arg(&img)
+        .arg(w.join("which.cimg"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--ref") && err.contains("t2"),
+        "{err}"
+    );
+    let got = pack_unpack(&img, w, "oci-dir", &["--ref", "t"]);
     assert_same_tree(&want, &got);
     let i = info(&w.join("oci-dir.cimg"));
     for needle in ["FOO=bar", "/opt/app", "/opt/app/run", "1000:1000"] {
         assert!(i.contains(needle), "cimg info lacks {needle}:\n{i}");
     }
+    let want2 = umoci_rootfs(&img, "t2", w, "ref2");
+    assert!(want2.join("var/lib/opq/old1").exists());
+    let got = pack_unpack(&img, w, "oci-dir-t2", &["--ref", "t2"]);
+    assert_same_tree(&want2, &got);
 
     if !have("skopeo", "--version", t) {
         return;
@@ -462,7 +500,7 @@ fn buildah_images_equal_umoci_unpack() {
     bh(&[o("commit"), o("-q"), o(&c), o("base")]);
     let c2 = bh(&[o("from"), o("base")]);
     let mnt = PathBuf::from(bh(&[o("mount"), o(&c2)]));
-    second_layer(&mnt);
+    second_layer(&mnt, true);
     bh(&[
         o("config"),
         o("--env"),
@@ -487,7 +525,7 @@ fn buildah_images_equal_umoci_unpack() {
     for (_, dest, _) in &dests {
         bh(&[o("commit"), o("-q"), o(&c2), o(dest)]);
     }
-    assert_eq!(layer_count(&w.join("lay")), 2);
+    assert_eq!(layer_count(&w.join("lay"), None), 2);
     let want = umoci_rootfs(&w.join("lay"), "t", w, "ref");
     // `buildah copy` makes everything root's; the second layer's chown stays.
     check_reference(&want, &["usr/bin/cat"], &[("etc/hosts", 7, 8)], true);
@@ -498,6 +536,85 @@ fn buildah_images_equal_umoci_unpack() {
         let got = pack_unpack(file, w, name, &[]);
         assert_same_tree(&want, &got);
         assert!(info(&w.join(format!("{name}.cimg"))).contains("FOO=bar"));
+    }
+}
+
+/// podman (vfs storage) pulls umoci's two images from the OCI layout and saves them: both in
+/// one `docker-archive` (`save -m`, chosen with `--ref`), and one as `oci-archive` and
+/// `oci-dir`.
+#[test]
+fn podman_saved_images_equal_umoci_unpack() {
+    let t = "podman_saved_images_equal_umoci_unpack";
+    if !have("podman", "--version", t)
+        || !have("umoci", "--version", t)
+        || !have("tar", "--version", t)
+        || !require_root(t)
+    {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let img = umoci_image(w, false);
+    assert_eq!(img, w.join("img"));
+    let pm = |args: &[&OsStr]| {
+        // In `w`: `pull oci:img:TAG` names the image after the path, which must be lowercase.
+        run(Command::new("podman")
+            .current_dir(w)
+            .arg("--root")
+            .arg(w.join("storage"))
+            .arg("--runroot")
+            .arg(w.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--events-backend",
+                "none",
+                "--cgroup-manager",
+                "cgroupfs",
+            ])
+            .args(args))
+        .trim()
+        .to_string()
+    };
+    for (tag, name) in [
+        ("t", "localhost/one:latest"),
+        ("t2", "localhost/two:latest"),
+    ] {
+        let id = pm(&[o("pull"), o("-q"), o(&format!("oci:img:{tag}"))]);
+        pm(&[o("tag"), o(&id), o(name)]);
+    }
+    let multi = w.join("multi.tar");
+    pm(&[
+        o("save"),
+        o("-q"),
+        o("-m"),
+        o("--format"),
+        o("docker-archive"),
+        o("-o"),
+        multi.as_os_str(),
+        o("localhost/one:latest"),
+        o("localhost/two:latest"),
+    ]);
+    let one = umoci_rootfs(&img, "t", w, "ref");
+    let two = umoci_rootfs(&img, "t2", w, "ref2");
+    let got = pack_unpack(&multi, w, "multi-one", &["--ref", "localhost/one:latest"]);
+    assert_same_tree(&one, &got);
+    assert!(info(&w.join("multi-one.cimg")).contains("FOO=bar"));
+    let got = pack_unpack(&multi, w, "multi-two", &["--ref", "localhost/two"]);
+    assert_same_tree(&two, &got);
+    for (format, file) in [("oci-archive", "po.tar"), ("oci-dir", "pod")] {
+        let out = w.join(file);
+        pm(&[
+            o("save"),
+            o("-q"),
+            o("--format"),
+            o(format),
+            o("-o"),
+            out.as_os_str(),
+            o("localhost/one:latest"),
+        ]);
+        let got = pack_unpack(&out, w, format, &[]);
+        assert_same_tree(&one, &got);
     }
 }
 
