@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 /// Measures read throughput and metadata rates of a filesystem path with 1..N parallel readers.
 ///
 /// Only reads PATH (it works on read-only mounts). Results are warm-cache unless --drop-caches
-/// (root) drops the page cache, dentries and inodes before each measurement.
+/// (root) drops the page cache, dentries and inodes before each measurement. `cimg-bench
+/// --compare A.json B.json --plot out.svg` tables and plots earlier --json results together.
 #[derive(Parser, Debug)]
 #[command(name = "cimg-bench", version)]
 struct Cli {
@@ -51,7 +52,8 @@ struct Cli {
     /// Metrics to run: all, or a list of seq, rand, iops, stat, open, readdir.
     #[arg(long, value_name = "LIST", default_value = "all")]
     metrics: String,
-    /// Drop the page cache, dentries and inodes before each measurement (needs root).
+    /// Drop the page cache, dentries and inodes before each measurement (needs root); each
+    /// measurement then uses each block and entry at most once.
     #[arg(long)]
     drop_caches: bool,
     /// Do not read the big files once before measuring (without --drop-caches).
@@ -105,6 +107,11 @@ fn main() {
         eprintln!("cimg-bench: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `1 reader`, `2 readers`.
+fn readers_text(n: usize) -> String {
+    format!("{n} reader{}", if n == 1 { "" } else { "s" })
 }
 
 /// Fails early (before minutes of measuring) when an output file cannot be written.
@@ -271,7 +278,7 @@ fn bench(cli: &Cli) -> Result<()> {
                 "{no_big}: skipping sequential read, random read and random 4 KiB read"
             ));
         }
-    } else {
+    } else if metrics.iter().any(|m| m.reads_data()) {
         let total: u64 = big.iter().map(|b| b.size).sum();
         note(format!(
             "read metrics use {} file{} ({} in all; largest {}, {})",
@@ -341,11 +348,7 @@ fn bench(cli: &Cli) -> Result<()> {
         };
         if r.skipped.is_none() {
             for &n in &readers {
-                pb.set_message(format!(
-                    "{}, {n} reader{}",
-                    m.title(),
-                    if n == 1 { "" } else { "s" }
-                ));
+                pb.set_message(format!("{}, {}", m.title(), readers_text(n)));
                 if cli.drop_caches {
                     drop_caches()?;
                 }
@@ -353,7 +356,7 @@ fn bench(cli: &Cli) -> Result<()> {
                 let p = workload::measure(m, n, cli.duration, target, &mut |f| {
                     pb.set_position((base + f * per * 1000.0) as u64)
                 })
-                .with_context(|| format!("{}, {n} readers", m.title()))?;
+                .with_context(|| format!("{}, {}", m.title(), readers_text(n)))?;
                 done += 1;
                 pb.set_position((done as f64 * per * 1000.0) as u64);
                 r.points.push(p);

@@ -91,7 +91,7 @@ pub fn run_table(run: &Run) -> String {
         for p in &m.points {
             if p.errors > 0 {
                 notes.push(format!(
-                    "{}, {} readers: {} failed operations (not counted), e.g. {}",
+                    "{}, {} reader(s): {} failed operations (not counted), e.g. {}",
                     m.metric.name(),
                     p.readers,
                     p.errors,
@@ -179,6 +179,129 @@ pub fn compare_table(runs: &[Run]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cimgbench::{Point, TreeSummary};
+
+    fn point(readers: usize, value: f64) -> Point {
+        Point {
+            readers,
+            value,
+            ops: 10,
+            bytes: 0,
+            secs: 1.0,
+            latency_us: 1.0,
+            errors: 0,
+            first_error: None,
+            exhausted: false,
+        }
+    }
+
+    fn run(label: &str, cache: &str, readers: Vec<usize>, metrics: Vec<MetricResult>) -> Run {
+        Run {
+            tool: "cimg-bench".into(),
+            version: "0".into(),
+            label: label.into(),
+            path: "/x".into(),
+            command: "cimg-bench /x".into(),
+            started_unix: 0,
+            host: "h".into(),
+            cores: 2,
+            cache: cache.into(),
+            duration_secs: 1.0,
+            block_size: 1 << 20,
+            readers,
+            tree: TreeSummary::default(),
+            big_files: vec![],
+            metrics,
+        }
+    }
+
+    fn result(metric: Metric, points: Vec<Point>, skipped: Option<&str>) -> MetricResult {
+        MetricResult {
+            metric,
+            title: metric.title().into(),
+            unit: metric.unit().into(),
+            skipped: skipped.map(Into::into),
+            points,
+        }
+    }
+
+    #[test]
+    fn run_table_marks_skips_errors_and_exhausted_values() {
+        let mut failing = point(2, 1500.0);
+        failing.errors = 3;
+        failing.first_error = Some("open /x/y: Permission denied".into());
+        let mut short = point(1, 42.5);
+        short.exhausted = true;
+        let r = run(
+            "a",
+            "cold",
+            vec![1, 2],
+            vec![
+                result(Metric::SeqRead, vec![], Some("no file of at least 16 MiB")),
+                result(Metric::Open, vec![short, failing], None),
+            ],
+        );
+        let t = run_table(&r);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "metric                         unit      1 reader         2"
+        );
+        assert_eq!(
+            lines[1],
+            "sequential read (1 MiB reads)  MB/s       skipped"
+        );
+        assert_eq!(
+            lines[2],
+            "open + close                   ops/s       42.50*      1500"
+        );
+        assert_eq!(lines[3], "seq_read: skipped: no file of at least 16 MiB");
+        assert!(
+            lines[4].starts_with(
+                "open, 2 reader(s): 3 failed operations (not counted), e.g. open /x/y"
+            )
+        );
+        assert!(lines[5].starts_with("* every block or entry was used once"));
+        assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn compare_table_lines_up_runs_and_reader_counts() {
+        let a = run(
+            "disk",
+            "warm",
+            vec![1, 2],
+            vec![result(
+                Metric::Stat,
+                vec![point(1, 10.0), point(2, 20.0)],
+                None,
+            )],
+        );
+        let b = run(
+            "fuse",
+            "cold",
+            vec![2, 4],
+            vec![result(
+                Metric::Stat,
+                vec![point(2, 5.0), point(4, 7.0)],
+                None,
+            )],
+        );
+        let t = compare_table(&[a, b]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].ends_with("1 reader         2         4"), "{t}");
+        assert!(
+            lines[1].starts_with("stat (lstat)  ops/s   disk  warm"),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("10.00     20.00         -"), "{t}");
+        assert!(
+            lines[2].starts_with("                      fuse  cold"),
+            "{t}"
+        );
+        assert!(lines[2].ends_with("-     5.000     7.000"), "{t}");
+    }
 
     #[test]
     fn block_sizes() {
