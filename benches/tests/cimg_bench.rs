@@ -333,6 +333,27 @@ fn compare_plots_both_runs() {
     }
     assert!(text.contains("stat (lstat)") && text.contains("readdir"));
 
+    // --log-y: the same runs on logarithmic value axes, labelled with the values.
+    let log = d.path().join("log.svg");
+    let out = run(&["--compare", s(&a), s(&b), "--plot", s(&log), "--log-y"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("alpha-run") && text.contains("beta-run"));
+    assert_eq!(
+        text.matches("ops/s (log scale)").count(),
+        1,
+        "the stat panel"
+    );
+    assert_eq!(
+        text.matches("dirs/s (log scale)").count(),
+        1,
+        "the readdir panel"
+    );
+
     // The same run twice: the labels are told apart.
     let out = run(&["--compare", s(&a), s(&a)]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -368,6 +389,11 @@ fn errors_are_one_line_with_a_nonzero_status() {
         "cimg-bench: --metrics: unknown metric \"warp\"",
     );
     assert_one_line_error(&run(&[]), 1, "cimg-bench: no PATH given");
+    assert_one_line_error(
+        &run(&[s(d.path()), "--log-y"]),
+        2,
+        "cimg-bench: bad arguments: the following required arguments were not provided: --plot <FILE.svg>",
+    );
     assert_one_line_error(
         &run(&["--compare", s(&d.path().join("none.json"))]),
         1,

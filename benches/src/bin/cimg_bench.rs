@@ -68,6 +68,9 @@ struct Cli {
     /// Write an SVG plot of each metric against the number of readers.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Plot the values on a logarithmic axis (for runs that differ by orders of magnitude).
+    #[arg(long, requires = "plot")]
+    log_y: bool,
     /// No progress bar and no notes on stderr (the table still goes to stdout).
     #[arg(long, short)]
     quiet: bool,
@@ -91,10 +94,16 @@ fn main() {
             if matches!(e.kind(), DisplayHelp | DisplayVersion) {
                 e.exit();
             }
+            // clap's message up to its first blank line (tips and usage follow), on one line.
             let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or_default();
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("cimg-bench: bad arguments: {first} (see cimg-bench --help)");
+            let what: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let what = what.join(" ");
+            let what = what.strip_prefix("error: ").unwrap_or(&what);
+            eprintln!("cimg-bench: bad arguments: {what} (see cimg-bench --help)");
             std::process::exit(2);
         }
     };
@@ -106,6 +115,14 @@ fn main() {
     if let Err(e) = result {
         eprintln!("cimg-bench: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn scale(cli: &Cli) -> plot::Scale {
+    if cli.log_y {
+        plot::Scale::Log
+    } else {
+        plot::Scale::Linear
     }
 }
 
@@ -155,7 +172,7 @@ fn compare(cli: &Cli) -> Result<()> {
     }
     print!("{}", report::compare_table(&runs));
     if let Some(p) = &cli.plot {
-        plot::write_svg(&runs, p)?;
+        plot::write_svg(&runs, p, scale(cli))?;
         if !cli.quiet {
             eprintln!("plot written to {}", p.display());
         }
@@ -406,7 +423,7 @@ fn bench(cli: &Cli) -> Result<()> {
         note(format!("results written to {}", p.display()));
     }
     if let Some(p) = &cli.plot {
-        plot::write_svg(std::slice::from_ref(&run), p)?;
+        plot::write_svg(std::slice::from_ref(&run), p, scale(cli))?;
         note(format!("plot written to {}", p.display()));
     }
     Ok(())

@@ -1,6 +1,8 @@
 //! The SVG plot of `cimg-bench` (with plotters' SVG backend): one panel per metric, the metric
 //! against the number of parallel readers, a line per run so that several runs (a cimg mount and
-//! a Lustre directory, say) can be overlaid, and a legend naming each run.
+//! a Lustre directory, say) can be overlaid, and a legend naming each run. The value axis is
+//! linear from 0, or logarithmic (for runs that differ by orders of magnitude, such as warm and
+//! cold ones).
 
 use super::report::{all_readers, metric_title};
 use super::{Metric, Run, fmt_si};
@@ -27,8 +29,17 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// The value axis of the plot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// From 0 to a bit above the largest value.
+    Linear,
+    /// Decades: the values' common logarithms on a linear axis, labelled with the values.
+    Log,
+}
+
 /// Writes the plot of `runs` to `path` (an SVG file).
-pub fn write_svg(runs: &[Run], path: &Path) -> Result<()> {
+pub fn write_svg(runs: &[Run], path: &Path, scale: Scale) -> Result<()> {
     let readers = all_readers(runs);
     let metrics: Vec<Metric> = Metric::ALL
         .into_iter()
@@ -73,25 +84,42 @@ pub fn write_svg(runs: &[Run], path: &Path) -> Result<()> {
             .unwrap_or_default(),
         _ => String::new(),
     };
-    let y_fmt = |v: &f64| fmt_si(*v);
+    let y_fmt = |v: &f64| match scale {
+        Scale::Linear => fmt_si(*v),
+        Scale::Log => fmt_si(10f64.powf(*v)),
+    };
     for (panel, m) in body.split_evenly((rows, cols)).into_iter().zip(&metrics) {
         let results: Vec<_> = runs.iter().map(|r| (r, r.metric(*m))).collect();
         let title = results
             .iter()
             .find_map(|(run, r)| r.map(|r| metric_title(r, run.block_size)))
             .unwrap_or_else(|| m.title().to_string());
-        let ymax = results
+        let values: Vec<f64> = results
             .iter()
             .filter_map(|(_, r)| *r)
             .flat_map(|r| r.points.iter().map(|p| p.value))
-            .fold(0.0f64, f64::max);
-        let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
+            .filter(|v| *v > 0.0)
+            .collect();
+        let max = values.iter().copied().fold(0.0f64, f64::max);
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let (y, yrange) = match scale {
+            Scale::Linear => (
+                (|v: f64| v) as fn(f64) -> f64,
+                0f64..if max > 0.0 { max * 1.1 } else { 1.0 },
+            ),
+            Scale::Log if max > 0.0 => (
+                f64::log10 as fn(f64) -> f64,
+                min.log10().floor()..(max.log10().ceil()).max(min.log10().floor() + 1.0),
+            ),
+            Scale::Log => (f64::log10 as fn(f64) -> f64, 0f64..1.0),
+        };
+        let decades = (yrange.end - yrange.start).round() as usize;
         let mut chart = ChartBuilder::on(&panel)
             .caption(format!("{title}, {}", m.unit()), ("sans-serif", 15))
             .margin(8)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..ymax)
+            .build_cartesian_2d((0..n - 1).into_segmented(), yrange)
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -100,8 +128,15 @@ pub fn write_svg(runs: &[Run], path: &Path) -> Result<()> {
             .x_labels(readers.len())
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)
+            .y_labels(match scale {
+                Scale::Linear => 10,
+                Scale::Log => decades + 1,
+            })
             .x_desc("parallel readers")
-            .y_desc(m.unit())
+            .y_desc(match scale {
+                Scale::Linear => m.unit().to_string(),
+                Scale::Log => format!("{} (log scale)", m.unit()),
+            })
             .draw()
             .map_err(err)?;
         let mut drawn = 0;
@@ -113,7 +148,8 @@ pub fn write_svg(runs: &[Run], path: &Path) -> Result<()> {
                 .iter()
                 .filter_map(|p| {
                     let i = readers.iter().position(|&x| x == p.readers)?;
-                    Some((SegmentValue::CenterOf(i as i32), p.value))
+                    (p.value > 0.0 || scale == Scale::Linear)
+                        .then(|| (SegmentValue::CenterOf(i as i32), y(p.value)))
                 })
                 .collect();
             if pts.is_empty() {
