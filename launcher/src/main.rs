@@ -5,11 +5,13 @@
 //! - [`plan`]: the command line → a plan (pure, unit-tested), exit codes, environment rules.
 //! - [`enter`]: namespaces, mounts, binds, pivot_root, exec.
 //! - [`supervise`]: the process tree (supervisor, FUSE server, app), signals, exit status.
+//! - [`join`]: peers of one group share one container.
 //! - [`sys`]: the only module with `unsafe` (fork).
 //! - [`error`]: the one error type, carrying its exit code.
 
 mod enter;
 mod error;
+mod join;
 mod plan;
 mod supervise;
 mod sys;
@@ -25,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let result = refuse_setuid().and_then(|()| plan).and_then(supervise::run);
+    let result = refuse_setuid().and(plan).and_then(supervise::run);
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

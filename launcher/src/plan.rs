@@ -122,6 +122,27 @@ struct Cli {
     #[arg(long = "cache-size", value_name = "SIZE")]
     cache_size: Option<String>,
 
+    /// Share one container with the other peers of this group on this node (automatic under
+    /// Slurm and Open MPI).
+    #[arg(long)]
+    join: bool,
+
+    /// Never join: a container of its own even under Slurm or Open MPI.
+    #[arg(long = "no-join", conflicts_with_all = ["join", "join_ct", "join_tag", "join_pid"])]
+    no_join: bool,
+
+    /// Number of peers in the group on this node (default: from Slurm or Open MPI).
+    #[arg(long = "join-ct", value_name = "N")]
+    join_ct: Option<u32>,
+
+    /// Tag that names the group (default: from Slurm's job and step, or Open MPI's job).
+    #[arg(long = "join-tag", value_name = "TAG")]
+    join_tag: Option<String>,
+
+    /// Run CMD in the running container of process PID.
+    #[arg(long = "join-pid", value_name = "PID")]
+    join_pid: Option<i32>,
+
     /// The image: a .cimg file or a directory.
     #[arg(value_name = "IMAGE")]
     image: PathBuf,
@@ -182,6 +203,16 @@ pub struct Plan {
     pub record_hot: Option<PathBuf>,
     /// `--cache-size` in bytes.
     pub cache_size: Option<u64>,
+    /// `--join`.
+    pub join: bool,
+    /// `--no-join`.
+    pub no_join: bool,
+    /// `--join-ct`.
+    pub join_ct: Option<u32>,
+    /// `--join-tag`.
+    pub join_tag: Option<String>,
+    /// `--join-pid`.
+    pub join_pid: Option<i32>,
     /// The command and its arguments.
     pub cmd: Vec<OsString>,
 }
@@ -233,13 +264,13 @@ fn build(cli: Cli, ops: Vec<(usize, Result<EnvOp, Error>)>) -> Result<Plan, Erro
         None => None,
         Some(s) => Some(parse_size("--cache-size", s)?),
     };
-    if let Some(cd) = &cli.cd {
-        if !cd.is_absolute() {
-            return Err(Error::usage(format!(
-                "--cd {}: must be an absolute path",
-                cd.display()
-            )));
-        }
+    if let Some(cd) = &cli.cd
+        && !cd.is_absolute()
+    {
+        return Err(Error::usage(format!(
+            "--cd {}: must be an absolute path",
+            cd.display()
+        )));
     }
     if cli.cmd.first().is_none_or(|c| c.is_empty()) {
         return Err(Error::usage("missing command after --".into()));
@@ -258,6 +289,11 @@ fn build(cli: Cli, ops: Vec<(usize, Result<EnvOp, Error>)>) -> Result<Plan, Erro
         verbosity: if cli.quiet { -1 } else { cli.verbose as i8 },
         record_hot: cli.record_hot,
         cache_size,
+        join: cli.join,
+        no_join: cli.no_join,
+        join_ct: cli.join_ct,
+        join_tag: cli.join_tag,
+        join_pid: cli.join_pid,
         cmd: cli.cmd,
     })
 }
@@ -414,10 +450,10 @@ pub fn expand(v: &[u8], env: &Env) -> Vec<u8> {
 /// Apply the image's `Env` list (`NAME=VALUE` strings, set literally as OCI says).
 pub fn apply_env_list(env: &mut Env, list: &[String]) {
     for kv in list {
-        if let Some((k, v)) = kv.split_once('=') {
-            if !k.is_empty() {
-                env.insert(k.into(), v.into());
-            }
+        if let Some((k, v)) = kv.split_once('=')
+            && !k.is_empty()
+        {
+            env.insert(k.into(), v.into());
         }
     }
 }

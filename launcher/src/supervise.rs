@@ -22,7 +22,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -36,6 +36,7 @@ use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2, 
 
 use crate::enter::{self, HostPath, Make, Root, STAGE};
 use crate::error::{Error, errno_msg};
+use crate::join::{self, JoinMode, Role};
 use crate::plan::{self, Env, EnvOp, ImageConfig, Plan};
 use crate::sys::{Forked, fork};
 
@@ -79,12 +80,145 @@ impl Log {
     }
 }
 
-/// Run the plan: build the container, run the command, return its exit code.
+/// A group this launch creates: the listening socket for the FUSE server, and what peers
+/// must agree on.
+struct NewGroup {
+    listener: OwnedFd,
+    tag: String,
+    count: u32,
+    image: PathBuf,
+}
+
+/// How a launch enters a container that exists.
+enum Entry {
+    /// `--join-pid`.
+    Pid(i32),
+    /// A joiner of a group.
+    Join {
+        conn: OwnedFd,
+        pidfd: OwnedFd,
+        config: Vec<u8>,
+    },
+}
+
+/// Run the plan: build or join the container, run the command, return its exit code.
 pub fn run(plan: Plan) -> Result<i32, Error> {
     let log = Log {
         level: plan.verbosity,
         t0: Instant::now(),
     };
+    match join::mode(&plan, &|k| std::env::var(k).ok())? {
+        JoinMode::Alone => create(plan, None, log),
+        JoinMode::Pid(pid) => enter_existing(plan, Entry::Pid(pid), log),
+        JoinMode::Group { tag, count } => {
+            let image = fs::canonicalize(&plan.image).map_err(|e| {
+                Error::image(format!("{}: {}", plan.image.display(), enter::io_msg(&e)))
+            })?;
+            match join::rendezvous(&tag, count, &image)? {
+                Role::Creator(listener) => {
+                    log.v(|| format!("group {tag}: first of {count}, creating the container"));
+                    let g = NewGroup {
+                        listener,
+                        tag,
+                        count,
+                        image,
+                    };
+                    create(plan, Some(g), log)
+                }
+                Role::Joiner {
+                    conn,
+                    pidfd,
+                    config,
+                } => {
+                    log.v(|| format!("group {tag}: joining"));
+                    enter_existing(
+                        plan,
+                        Entry::Join {
+                            conn,
+                            pidfd,
+                            config,
+                        },
+                        log,
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Block the signals launch handles and read them from a signalfd; the old mask (for the
+/// children to restore).
+fn block_signals() -> Result<(SignalFd, SigSet), Error> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old_mask))
+        .map_err(|e| Error::other(errno_msg("sigprocmask", e)))?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| Error::other(errno_msg("signalfd", e)))?;
+    Ok((sfd, old_mask))
+}
+
+/// Read the `--set-env FILE` files (host paths), in order.
+fn read_env_files(plan: &Plan) -> Result<Vec<(PathBuf, Vec<u8>)>, Error> {
+    plan.env_ops
+        .iter()
+        .filter_map(|op| match op {
+            EnvOp::File(f) => Some(fs::read(f).map(|t| (f.clone(), t)).map_err(|e| {
+                Error::setup(format!("--set-env {}: {}", f.display(), enter::io_msg(&e)))
+            })),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The command's environment: the host's, the edits in order, the cimg variables.
+/// `image_env` is the image config's Env; `ch_env` reads the image's /ch/environment.
+fn build_env(
+    plan: &Plan,
+    env_files: &[(PathBuf, Vec<u8>)],
+    image_env: Option<&[String]>,
+    ch_env: &dyn Fn() -> Option<Vec<u8>>,
+    home: Option<&Path>,
+    log: &Log,
+) -> Result<Env, Error> {
+    let mut env: Env = std::env::vars_os().collect();
+    let mut files = env_files.iter();
+    for op in &plan.env_ops {
+        match op {
+            EnvOp::Pair(k, v) => {
+                env.insert(k.clone(), v.clone());
+            }
+            EnvOp::File(_) => {
+                if let Some((f, text)) = files.next() {
+                    plan::apply_env_file(&mut env, text, &f.display().to_string())?;
+                }
+            }
+            EnvOp::Image => {
+                if let Some(list) = image_env {
+                    plan::apply_env_list(&mut env, list);
+                } else if let Some(text) = ch_env() {
+                    plan::apply_env_file(&mut env, &text, "/ch/environment (in the image)")?;
+                } else {
+                    log.warn(|| "--set-env: the image has no environment".into());
+                }
+            }
+            EnvOp::Unset(g) => plan::unset_env(&mut env, g),
+        }
+    }
+    env.insert("CIMG_RUNNING".into(), "1".into());
+    env.insert("CIMG_IMAGE".into(), plan.image.clone().into_os_string());
+    if let Some(h) = home {
+        env.insert("HOME".into(), h.as_os_str().to_os_string());
+    }
+    Ok(env)
+}
+
+/// Build a new container and run the command in it (the first peer of a group, or alone).
+fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     let source = open_image(&plan.image)?;
     let config = match &source {
         Source::Cimg(img) => img.config().map(ImageConfig::parse),
@@ -139,16 +273,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
         .iter()
         .map(|b| Ok((HostPath::open(&b.src, "--bind")?, b)))
         .collect::<Result<Vec<_>, Error>>()?;
-    let env_files = plan
-        .env_ops
-        .iter()
-        .filter_map(|op| match op {
-            EnvOp::File(f) => Some(fs::read(f).map(|t| (f.clone(), t)).map_err(|e| {
-                Error::setup(format!("--set-env {}: {}", f.display(), enter::io_msg(&e)))
-            })),
-            _ => None,
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+    let env_files = read_env_files(&plan)?;
     let record_hot = match &plan.record_hot {
         Some(p) => Some(std::path::absolute(p).map_err(|e| {
             Error::usage(format!(
@@ -162,16 +287,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
     let host_cwd = std::env::current_dir().ok();
 
     // Signals are taken from a signalfd from now on; the children restore this mask.
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    for s in FORWARDED {
-        mask.add(s);
-    }
-    let mut old_mask = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old_mask))
-        .map_err(|e| Error::other(errno_msg("sigprocmask", e)))?;
-    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| Error::other(errno_msg("signalfd", e)))?;
+    let (sfd, old_mask) = block_signals()?;
 
     // The FUSE server, forked while this process is single-threaded; it leaves this mount
     // namespace before anything is mounted in it.
@@ -198,7 +314,11 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
                 Forked::Child => {
                     drop((ready_r, go_w));
                     let pipes = (go_r, ready_w);
-                    server_main(*img, fuse, pipes, me, &old_mask, &plan.image, &opts)
+                    let group = group.map(|g| {
+                        let config = img.config().map(<[u8]>::to_vec).unwrap_or_default();
+                        (g.listener, g.count, g.image, config)
+                    });
+                    server_main(*img, fuse, pipes, me, &old_mask, &plan.image, &opts, group)
                 }
                 Forked::Parent(pid) => {
                     drop((ready_w, go_r));
@@ -207,8 +327,17 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
                 }
             }
         }
-        Source::Dir(d) => image = Some(HostPath::open(&d, "image")?),
+        Source::Dir(d) => {
+            if group.is_some() {
+                return Err(Error::usage(
+                    "joining needs a .cimg image (a directory image has no server to share)".into(),
+                ));
+            }
+            image = Some(HostPath::open(&d, "image")?)
+        }
     }
+    // The listener now belongs to the server (its copy); the group's name stays bound.
+    let group = group.map(|g| (g.tag, g.count, g.image));
     let kill_server = |server: &Option<(Pid, OwnedFd, OwnedFd, OwnedFd)>| {
         if let Some((pid, ..)) = server {
             let _ = kill(*pid, Signal::SIGKILL);
@@ -358,35 +487,14 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
         }
 
         // The environment.
-        let mut env: Env = std::env::vars_os().collect();
-        let mut files = env_files.iter();
-        for op in &plan.env_ops {
-            match op {
-                EnvOp::Pair(k, v) => {
-                    env.insert(k.clone(), v.clone());
-                }
-                EnvOp::File(_) => {
-                    if let Some((f, text)) = files.next() {
-                        plan::apply_env_file(&mut env, text, &f.display().to_string())?;
-                    }
-                }
-                EnvOp::Image => {
-                    if let Some(list) = &image_env {
-                        plan::apply_env_list(&mut env, list);
-                    } else if let Ok(text) = root.read(Path::new("/ch/environment")) {
-                        plan::apply_env_file(&mut env, &text, "/ch/environment (in the image)")?;
-                    } else {
-                        log.warn(|| "--set-env: the image has no environment".into());
-                    }
-                }
-                EnvOp::Unset(g) => plan::unset_env(&mut env, g),
-            }
-        }
-        env.insert("CIMG_RUNNING".into(), "1".into());
-        env.insert("CIMG_IMAGE".into(), plan.image.clone().into_os_string());
-        if let Some(h) = &container_home {
-            env.insert("HOME".into(), h.clone().into_os_string());
-        }
+        let env = build_env(
+            &plan,
+            &env_files,
+            image_env.as_deref(),
+            &|| root.read(Path::new("/ch/environment")).ok(),
+            container_home.as_deref(),
+            &log,
+        )?;
 
         // The working directory.
         let cwd = if let Some(cd) = &plan.cd {
@@ -405,7 +513,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             PathBuf::from("/")
         };
         Ok(Built {
-            root: root_dir,
+            root: Some(root_dir),
             cwd,
             env,
         })
@@ -421,11 +529,118 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
     drop((dev, proc_, sys, etc, host_tmp, home, binds));
 
     // The app.
+    let app = match fork_app(&built, &plan.cmd, me, &old_mask) {
+        Ok(app) => app,
+        Err(e) => {
+            kill_server(&server);
+            return Err(e);
+        }
+    };
+    log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
+    // A group's creator moves into the container too, and registers: joiners enter through
+    // registered peers.
+    let conn = match group {
+        Some((tag, count, image)) => {
+            let pidfd = crate::sys::pidfd_open(app.as_raw())
+                .map_err(|e| Error::other(errno_msg("pidfd_open", e)))?;
+            nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWNS)
+                .map_err(|e| Error::other(errno_msg("cannot enter the container", e)))?;
+            Some(join::connect_creator(&tag, count, &image)?)
+        }
+        None => None,
+    };
+    supervise(&sfd, app, server.as_ref().map(|s| s.0), conn.as_ref(), &log)
+}
+
+/// Run the command in a container that exists: a group's (through a peer inside) or a
+/// process's (`--join-pid`).
+fn enter_existing(plan: Plan, entry: Entry, log: Log) -> Result<i32, Error> {
+    let env_files = read_env_files(&plan)?;
+    let host_cwd = std::env::current_dir().ok();
+    let user_name = User::from_uid(Uid::current())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| format!("user{}", Uid::current()));
+    let (pidfd, conn, config, what) = match entry {
+        Entry::Pid(pid) => {
+            let environ = fs::read(format!("/proc/{pid}/environ"))
+                .map_err(|e| Error::usage(format!("--join-pid {pid}: {}", enter::io_msg(&e))))?;
+            if !environ.split(|&c| c == 0).any(|v| v == b"CIMG_RUNNING=1") {
+                return Err(Error::usage(format!(
+                    "--join-pid {pid}: that process is not in a cimg container"
+                )));
+            }
+            let pidfd = crate::sys::pidfd_open(pid)
+                .map_err(|e| Error::usage(errno_msg(format!("--join-pid {pid}"), e)))?;
+            (
+                pidfd,
+                None,
+                Vec::new(),
+                format!("the container of process {pid}"),
+            )
+        }
+        Entry::Join {
+            conn,
+            pidfd,
+            config,
+        } => (pidfd, Some(conn), config, "the group's container".into()),
+    };
+    let (sfd, old_mask) = block_signals()?;
+    nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+        .map_err(|e| Error::other(errno_msg(format!("cannot enter {what}"), e)))?;
+    drop(pidfd);
+    if let Some(c) = &conn {
+        join::register(c)?;
+    }
+    log.v(|| format!("entered {what}"));
+    let config = (!config.is_empty()).then(|| ImageConfig::parse(&config));
+    let home = PathBuf::from("/home").join(&user_name);
+    let home = (plan.home && home.is_dir()).then_some(home);
+    let env = build_env(
+        &plan,
+        &env_files,
+        config
+            .as_ref()
+            .map(|c| c.env.as_slice())
+            .filter(|e| !e.is_empty()),
+        &|| fs::read("/ch/environment").ok(),
+        home.as_deref(),
+        &log,
+    )?;
+    let cwd = if let Some(cd) = &plan.cd {
+        if !cd.is_dir() {
+            return Err(Error::setup(format!(
+                "--cd {}: no such directory in the container",
+                cd.display()
+            )));
+        }
+        cd.clone()
+    } else if let Some(w) = config.and_then(|c| c.working_dir).filter(|w| w.is_dir()) {
+        w
+    } else if let Some(c) = host_cwd.filter(|c| c.is_dir()) {
+        c
+    } else {
+        PathBuf::from("/")
+    };
+    let built = Built {
+        root: None,
+        cwd,
+        env,
+    };
+    let app = fork_app(&built, &plan.cmd, Pid::this(), &old_mask)?;
+    log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
+    supervise(&sfd, app, None, conn.as_ref(), &log)
+}
+
+/// Fork the app and wait until it has exec'd the command (or failed to: its error).
+fn fork_app(built: &Built, cmd: &[OsString], me: Pid, old_mask: &SigSet) -> Result<Pid, Error> {
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
     let app = match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
         Forked::Child => {
             drop(err_r);
-            app_main(&built, &plan.cmd, err_w, me, &old_mask)
+            app_main(built, cmd, err_w, me, old_mask)
         }
         Forked::Parent(pid) => pid,
     };
@@ -434,18 +649,17 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
     let _ = fs::File::from(err_r).read_to_end(&mut report);
     if !report.is_empty() {
         let _ = waitpid(app, None);
-        kill_server(&server);
         let text = String::from_utf8_lossy(&report);
         let (code, msg) = text.split_once('\t').unwrap_or(("125", &text));
         return Err(Error::new(code.parse().unwrap_or(125), msg.to_string()));
     }
-    log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    supervise(&sfd, app, server.as_ref().map(|s| s.0), &log)
+    Ok(app)
 }
 
 /// What the app's process needs.
 struct Built {
-    root: PathBuf,
+    /// The new root to pivot into (`None`: already inside).
+    root: Option<PathBuf>,
     cwd: PathBuf,
     env: Env,
 }
@@ -484,7 +698,9 @@ fn wait_byte(fd: &OwnedFd, server: Pid) -> Result<(), Error> {
     }
 }
 
-/// The FUSE server's process: leave the mount namespace, do the handshake, serve.
+/// The FUSE server's process: leave the mount namespace, do the handshake, serve (and, for
+/// a group, answer joiners).
+#[allow(clippy::too_many_arguments)]
 fn server_main(
     img: cimg_format::Image,
     fuse: OwnedFd,
@@ -493,6 +709,7 @@ fn server_main(
     mask: &SigSet,
     name: &Path,
     opts: &cimg_fuse::MountOptions,
+    group: Option<(OwnedFd, u32, PathBuf, Vec<u8>)>,
 ) -> ! {
     let res = (|| -> Result<(), String> {
         let _ = setsid();
@@ -542,6 +759,12 @@ fn server_main(
             .map_err(|e| e.to_string())?;
         nix::unistd::write(&ready, b"r").map_err(|e| errno_msg("pipe", e))?;
         drop(ready);
+        if let Some((listener, count, image, config)) = group {
+            std::thread::Builder::new()
+                .name("join".into())
+                .spawn(move || join::serve_group(listener, count, image, config))
+                .map_err(|e| e.to_string())?;
+        }
         server.run().map_err(|e| e.to_string())
     })();
     match res {
@@ -566,11 +789,18 @@ fn app_main(built: &Built, cmd: &[OsString], report: OwnedFd, parent: Pid, mask:
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
             return Error::other(errno_msg("sigprocmask", e));
         }
-        if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
-            return Error::other(errno_msg("unshare", e));
-        }
-        if let Err(e) = enter::pivot(&built.root, &built.cwd) {
-            return e;
+        if let Some(root) = &built.root {
+            if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
+                return Error::other(errno_msg("unshare", e));
+            }
+            if let Err(e) = enter::pivot(root, &built.cwd) {
+                return e;
+            }
+        } else if let Err(e) = nix::unistd::chdir(&built.cwd) {
+            return Error::setup(errno_msg(
+                format!("cannot change to {}", built.cwd.display()),
+                e,
+            ));
         }
         if let Err(e) = enter::drop_privileges() {
             return e;
@@ -582,14 +812,45 @@ fn app_main(built: &Built, cmd: &[OsString], report: OwnedFd, parent: Pid, mask:
     std::process::exit(err.code())
 }
 
-/// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N.
-fn supervise(sfd: &SignalFd, app: Pid, server: Option<Pid>, log: &Log) -> Result<i32, Error> {
+/// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N. `conn` is
+/// the connection to a group's server: its end of file means the server died.
+fn supervise(
+    sfd: &SignalFd,
+    app: Pid,
+    server: Option<Pid>,
+    conn: Option<&OwnedFd>,
+    log: &Log,
+) -> Result<i32, Error> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let pgrp = getpgrp();
     let mut server_died: Option<String> = None;
+    let mut conn = conn;
     loop {
+        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        if let Some(c) = conn {
+            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(Error::other(errno_msg("poll", e))),
+        }
+        let conn_ready = fds
+            .get(1)
+            .is_some_and(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        drop(fds);
+        if conn_ready
+            && let Some(c) = conn
+            && join::closed(c.as_fd())
+        {
+            conn = None;
+            if server_died.is_none() {
+                server_died = Some("the group's FUSE server ended; the app was killed".into());
+                let _ = kill(app, Signal::SIGKILL);
+            }
+        }
         let si = match sfd.read_signal() {
             Ok(Some(si)) => si,
-            Ok(None) | Err(Errno::EINTR) => continue,
+            Ok(None) | Err(Errno::EINTR) | Err(Errno::EAGAIN) => continue,
             Err(e) => return Err(Error::other(errno_msg("signalfd", e))),
         };
         let Ok(sig) = Signal::try_from(si.ssi_signo as i32) else {

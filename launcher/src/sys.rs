@@ -80,3 +80,24 @@ pub fn attach_tree(tree: &impl AsRawFd, target: &impl AsRawFd) -> Result<(), Err
     }
     Ok(())
 }
+
+/// pidfd_open(2): a descriptor of process `pid` (no flags).
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: the syscall takes (pid_t, unsigned) and returns a new fd or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Take ownership of descriptors the kernel just installed in our table (received in an
+/// `SCM_RIGHTS` message, or returned by accept4).
+pub fn own_fds(fds: Vec<RawFd>) -> Vec<OwnedFd> {
+    fds.into_iter()
+        // SAFETY: the kernel installed these descriptors for this call; no other owner
+        // exists, and each is wrapped exactly once.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
