@@ -130,6 +130,12 @@ fn base_layer(r: &Path) {
     symlink("libx.so.1", r.join("usr/lib/libx.so")).unwrap();
     symlink("/usr/bin/tool", r.join("usr/lib/abs_link")).unwrap();
     symlink("does/not/exist", r.join("usr/lib/dangling")).unwrap();
+    // A target over 100 bytes (PAX linkpath or GNU long link).
+    symlink(
+        format!("../{}/target", "t".repeat(150)),
+        r.join("usr/lib/long_target"),
+    )
+    .unwrap();
     write(&r.join("usr/share/empty"), b"");
     write(&r.join("usr/share/zeros"), &vec![0u8; 600_000]);
     // Long names (PAX or GNU long-name records) and a name that is not UTF-8.
@@ -151,6 +157,9 @@ fn base_layer(r: &Path) {
     write(&r.join("home/user/.profile"), b"export A=1\n");
     chown(&r.join("home/user/.profile"), 1000, 1000);
     chown(&r.join("home/user"), 1000, 1000);
+    // Ids beyond the 7 octal digits of a ustar header (PAX uid/gid, or base-256).
+    write(&r.join("home/big/id"), b"big ids");
+    chown(&r.join("home/big/id"), 100_000_000, 3_000_000_000);
     // xattrs on a file and a directory.
     xattr::set(r.join("usr/bin/tool"), "user.origin", b"built here").unwrap();
     xattr::set(r.join("home/user"), "user.quota", b"10G").unwrap();
@@ -389,6 +398,7 @@ fn umoci_and_skopeo_images_equal_umoci_unpack() {
         &[
             ("etc/shadow", 0, 42),
             ("usr/bin/su", 1000, 1000),
+            ("home/big/id", 100_000_000, 3_000_000_000),
             ("etc/hosts", 7, 8),
         ],
         true,
@@ -722,7 +732,11 @@ fn gnu_tar_archives_equal_tar_extract() {
             check_reference(
                 &want,
                 &["usr/bin/ls", "usr/bin/cat", "usr/sbin/init"],
-                &[("etc/shadow", 0, 42), ("usr/bin/su", 1000, 1000)],
+                &[
+                    ("etc/shadow", 0, 42),
+                    ("usr/bin/su", 1000, 1000),
+                    ("home/big/id", 100_000_000, 3_000_000_000),
+                ],
                 format == "posix",
             );
         }
@@ -793,7 +807,11 @@ fn mksquashfs_images_equal_unsquashfs() {
             check_reference(
                 &want,
                 &["usr/bin/ls", "usr/bin/cat", "usr/sbin/init"],
-                &[("etc/shadow", 0, 42), ("usr/bin/su", 1000, 1000)],
+                &[
+                    ("etc/shadow", 0, 42),
+                    ("usr/bin/su", 1000, 1000),
+                    ("home/big/id", 100_000_000, 3_000_000_000),
+                ],
                 comp != "lz4",
             );
         }
