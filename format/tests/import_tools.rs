@@ -1,11 +1,13 @@
 //! Importing images made by real tools on this machine: `umoci` (multi-layer OCI layouts with
 //! whiteouts, an opaque directory, hard links, symlinks, xattrs, devices, owners, two images
 //! in one layout), `skopeo` (`oci-archive:`, `docker-archive:`, zstd layers), `buildah` (from
-//! scratch, vfs storage, `oci:`, `oci-archive:` and `docker-archive:`), `podman` (`save` as a
-//! multi-image `docker-archive`, `oci-archive`, `oci-dir`), `mksquashfs` and GNU `tar` (gzip,
-//! zstd, xz; gnu and posix formats, sparse files). Each is packed with the `cimg` binary and
-//! unpacked again with `cimg unpack`, and the result is compared with the tree the tool itself
-//! says the image holds: `umoci unpack`'s rootfs, `unsquashfs`'s output, `tar -x`'s output.
+//! scratch, vfs storage, `oci:`, `oci-archive:` and `docker-archive:`; a two-platform manifest
+//! list by `buildah manifest push --all`), `podman` (`save` as a multi-image `docker-archive`,
+//! `oci-archive`, `oci-dir`), `mksquashfs` and GNU `tar` (gzip, zstd, xz; gnu and posix
+//! formats, sparse files). Each is packed with the `cimg` binary and unpacked again with
+//! `cimg unpack`, and the result is compared with the tree the tool itself says the image
+//! holds: `umoci unpack`'s rootfs, `unsquashfs`'s output, `tar -x`'s output (the manifest
+//! list, which umoci cannot unpack, with its sources).
 //!
 //! A test whose tool is missing fails when `CI=true` (the CI script installs them), and
 //! otherwise prints why it is skipped. The layered-image tests need root (owners, devices).
@@ -547,6 +549,84 @@ fn buildah_images_equal_umoci_unpack() {
         assert_same_tree(&want, &got);
         assert!(info(&w.join(format!("{name}.cimg"))).contains("FOO=bar"));
     }
+}
+
+/// `buildah manifest push --all` writes an OCI layout whose index points to an image index
+/// (a manifest list) of two platforms: `--platform` chooses, a missing one is refused with
+/// the platforms the list has.
+#[test]
+fn buildah_manifest_list_by_platform() {
+    let t = "buildah_manifest_list_by_platform";
+    if !have("buildah", "--version", t) || !require_root(t) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let bh = |args: &[&OsStr]| {
+        run(Command::new("buildah")
+            .arg("--root")
+            .arg(w.join("storage"))
+            .arg("--runroot")
+            .arg(w.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+        .trim()
+        .to_string()
+    };
+    bh(&[o("manifest"), o("create"), o("list")]);
+    for arch in ["amd64", "arm64"] {
+        let src = w.join(arch);
+        write(&src.join("which"), arch.as_bytes());
+        write(
+            &src.join("lib/data"),
+            &pseudo_data(arch.len() as u64, 300_000),
+        );
+        let c = bh(&[o("from"), o("scratch")]);
+        bh(&[o("copy"), o(&c), src.as_os_str(), o("/")]);
+        bh(&[o("config"), o("--arch"), o(arch), o(&c)]);
+        bh(&[o("commit"), o("-q"), o(&c), o(&format!("img-{arch}"))]);
+        bh(&[
+            o("manifest"),
+            o("add"),
+            o("--arch"),
+            o(arch),
+            o("list"),
+            o(&format!("containers-storage:localhost/img-{arch}")),
+        ]);
+    }
+    let lay = w.join("lay");
+    bh(&[
+        o("manifest"),
+        o("push"),
+        o("-q"),
+        o("--all"),
+        o("list"),
+        o(&format!("oci:{}:multi", lay.display())),
+    ]);
+    let index = fs::read_to_string(lay.join("index.json")).unwrap();
+    assert!(index.contains("image.index"), "{index}");
+    for arch in ["amd64", "arm64"] {
+        let got = pack_unpack(&lay, w, arch, &["--platform", &format!("linux/{arch}")]);
+        assert_eq!(fs::read(got.join("which")).unwrap(), arch.as_bytes());
+        assert_eq!(
+            fs::read(got.join("lib/data")).unwrap(),
+            fs::read(w.join(arch).join("lib/data")).unwrap()
+        );
+    }
+    let out = cimg()
+        .args(["pack", "-q", "--platform", "linux/ppc64le"])
+        .arg(&lay)
+        .arg(w.join("ppc.cimg"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no image for platform linux/ppc64le")
+            && err.contains("linux/amd64, linux/arm64"),
+        "{err}"
+    );
+    assert!(!w.join("ppc.cimg").exists());
 }
 
 /// podman (vfs storage) pulls umoci's two images from the OCI layout and saves them: both in
