@@ -15,6 +15,7 @@ pub const MAGIC: [u8; 8] = *b"\x89CIMG\r\n\x1a";
 /// Major version: a reader refuses any other.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor version: additions that an older reader of the same major version can ignore.
+/// (Features an older reader cannot ignore set an incompatible feature bit instead.)
 pub const VERSION_MINOR: u16 = 0;
 /// Bytes reserved for the superblock at offset 0; data starts at or after this.
 pub const SUPERBLOCK_AREA: u64 = 4096;
@@ -22,8 +23,17 @@ pub const SUPERBLOCK_AREA: u64 = 4096;
 pub const MIN_BLOCK_LOG: u8 = 12;
 /// See [`MIN_BLOCK_LOG`].
 pub const MAX_BLOCK_LOG: u8 = 20;
-/// Incompatible feature bits this reader understands (none yet in version 1.0).
-pub const INCOMPAT_KNOWN: u64 = 0;
+/// Incompatible feature bit: the stored metadata is a sequence of zstd frames, each holding
+/// `1 << meta_frame_log` bytes of the decompressed metadata (the last one the rest), so that a
+/// reader can decompress them in parallel. Clear: one frame (version 1.0).
+pub const INCOMPAT_META_FRAMES: u64 = 1;
+/// Incompatible feature bits this reader understands.
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_META_FRAMES;
+/// Smallest and largest `meta_frame_log` when [`INCOMPAT_META_FRAMES`] is set (4 KiB to
+/// 1 GiB frames).
+pub const MIN_META_FRAME_LOG: u8 = 12;
+/// See [`MIN_META_FRAME_LOG`].
+pub const MAX_META_FRAME_LOG: u8 = 30;
 /// A chunk whose block is this value is a hole: it reads as zeros and stores nothing.
 pub const HOLE: u32 = u32::MAX;
 /// Inode number of the root directory. Inode `n` is entry `n - 1` of the inode table.
@@ -43,8 +53,11 @@ pub struct Superblock {
     pub block_log: u8,
     /// zstd level the writer used (informational).
     pub level: i8,
+    /// With [`INCOMPAT_META_FRAMES`]: log2 of the decompressed bytes per metadata frame.
+    /// Zero (and ignored) otherwise.
+    pub meta_frame_log: u8,
     /// Zero.
-    pub reserved0: U16,
+    pub reserved0: u8,
     /// Compatible feature bits: a reader may ignore unknown ones.
     pub compat: U64,
     /// Incompatible feature bits: a reader must refuse unknown ones.
@@ -218,7 +231,7 @@ pub fn records() -> Vec<RecordLayout> {
     }
     vec![
         rec!(Superblock; magic: [u8; 8], version_major: U16, version_minor: U16, block_log: u8,
-            level: i8, reserved0: U16, compat: U64, incompat: U64, image_size: U64,
+            level: i8, meta_frame_log: u8, reserved0: u8, compat: U64, incompat: U64, image_size: U64,
             data_offset: U64, data_len: U64, meta_offset: U64, meta_stored_len: U64,
             meta_raw_len: U64, meta_checksum: U64, hot_blocks: U64, digest: [u8; 16],
             reserved1: U64, checksum: U64),

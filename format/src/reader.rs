@@ -10,8 +10,9 @@
 //! [`OpenOptions::max_metadata`] (data blocks are at most 1 MiB each).
 
 use crate::layout::{
-    Block, Chunk, Dirent, HOLE, INCOMPAT_KNOWN, Inode, MAGIC, MAX_BLOCK_LOG, MIN_BLOCK_LOG,
-    MetaHeader, ROOT_INO, Superblock, Table, VERSION_MAJOR, Xattr,
+    Block, Chunk, Dirent, HOLE, INCOMPAT_KNOWN, INCOMPAT_META_FRAMES, Inode, MAGIC, MAX_BLOCK_LOG,
+    MAX_META_FRAME_LOG, MIN_BLOCK_LOG, MIN_META_FRAME_LOG, MetaHeader, ROOT_INO, Superblock, Table,
+    VERSION_MAJOR, Xattr,
 };
 use crate::{Error, FileKind, Result};
 use std::cell::RefCell;
@@ -61,12 +62,19 @@ pub struct OpenOptions {
     /// Largest decompressed metadata accepted, in bytes (default 2 GiB, enough for some
     /// twenty million entries). Bounds the only large allocation the reader makes.
     pub max_metadata: u64,
+    /// Threads that decompress metadata frames and validate in parallel (default: the
+    /// cores, at most 8; 1 does everything in the calling thread).
+    pub threads: usize,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             max_metadata: 2 << 30,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 8),
         }
     }
 }
@@ -169,6 +177,8 @@ pub struct Image<R = File> {
     blocks: Range<usize>,
     xattrs: Range<usize>,
     blob: Range<usize>,
+    /// Threads validation may use ([`OpenOptions::threads`]).
+    threads: usize,
 }
 
 impl<R> std::fmt::Debug for Image<R> {
@@ -238,11 +248,228 @@ fn sorted_failures<'a>(n: usize, key: impl Fn(usize) -> Option<&'a [u8]>) -> Vec
     })
 }
 
+/// For records `r`, how many fail `fails_at`, cumulated (modulo 2^32): element `i` counts
+/// records `r.start ..= r.start + i`. [`join_prefix`] makes prefix arrays of such pieces.
+fn range_failures(r: Range<usize>, mut fails_at: impl FnMut(usize) -> bool) -> Vec<u32> {
+    let mut acc = 0u32;
+    r.map(|j| {
+        acc = acc.wrapping_add(fails_at(j) as u32);
+        acc
+    })
+    .collect()
+}
+
+/// [`range_failures`] for records `r` of `n`, as [`sorted_failures`] judges them.
+fn sorted_range_failures<'a>(
+    r: Range<usize>,
+    n: usize,
+    key: impl Fn(usize) -> Option<&'a [u8]>,
+) -> Vec<u32> {
+    let mut next = if r.start < n { key(r.start) } else { None };
+    range_failures(r, |j| {
+        let cur = next;
+        next = if j + 1 < n { key(j + 1) } else { None };
+        match (cur, next) {
+            (None, _) => true,
+            (Some(a), Some(b)) => a >= b,
+            (Some(_), None) => false,
+        }
+    })
+}
+
+/// The [`prefix_failures`] array of records `0..n` from the [`range_failures`] of consecutive
+/// ranges covering them.
+fn join_prefix(parts: Vec<Vec<u32>>) -> Vec<u32> {
+    let n: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(n + 1);
+    let mut base = 0u32;
+    out.push(base);
+    for p in parts {
+        out.extend(p.iter().map(|&x| base.wrapping_add(x)));
+        base = out.last().copied().unwrap_or(0);
+    }
+    out
+}
+
+/// Range `k` of `parts` near-equal consecutive ranges covering `0..n`.
+fn part(n: usize, parts: usize, k: usize) -> Range<usize> {
+    let at = |k: usize| (n as u128 * k as u128 / parts.max(1) as u128) as usize;
+    at(k)..at(k + 1)
+}
+
+/// A job for [`run_tasks`].
+type Task<'a> = Box<dyn FnOnce() + Send + 'a>;
+
+/// Run `tasks` on the calling thread and up to `threads - 1` helper threads, taking them in
+/// order from a shared queue (if a helper cannot be started, the others do its share).
+fn run_tasks(threads: usize, tasks: Vec<Task<'_>>) {
+    let helpers = threads.clamp(1, tasks.len().max(1)) - 1;
+    let queue = std::sync::Mutex::new(tasks.into_iter());
+    let work = || {
+        loop {
+            let task = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            match task {
+                Some(t) => t(),
+                None => break,
+            }
+        }
+    };
+    if helpers == 0 {
+        return work();
+    }
+    std::thread::scope(|s| {
+        for _ in 0..helpers {
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+}
+
 /// Whether records `a..e` all pass, from their [`prefix_failures`] (which need not judge the
 /// last record, e.g. its order against the record after the range) and `last_ok`, the check of
 /// record `e - 1`.
 fn range_clean(fails: &[u32], a: usize, e: usize, last_ok: impl FnOnce() -> bool) -> bool {
     a >= e || (fails[e - 1].wrapping_sub(fails[a]) == 0 && last_ok())
+}
+
+/// The stored metadata is corrupt at file offset `at`.
+fn meta_region_err(what: String, at: u64) -> Error {
+    Error::corrupt(what, at)
+}
+
+/// The largest zstd window a metadata frame may ask for: the writer compresses metadata at
+/// level 19 at most (window 2^23).
+const META_WINDOW_LOG_MAX: u32 = 24;
+
+/// Decompress one metadata frame (or, without frames, the whole stored metadata) into
+/// exactly `out.len()` bytes: a frame that would produce more fails ("destination buffer too
+/// small") instead of writing past `out`.
+fn decompress_exact(
+    dctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    src: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    if dctx.is_none() {
+        let mut d = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
+        d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            META_WINDOW_LOG_MAX,
+        ))
+        .map_err(|e| format!("zstd: {e}"))?;
+        *dctx = Some(d);
+    }
+    let Some(d) = dctx.as_mut() else {
+        return Err("zstd context".into());
+    };
+    match d.decompress_to_buffer(src, out) {
+        Ok(n) if n == out.len() => Ok(()),
+        Ok(n) => Err(format!("decompresses to {n} bytes, expected {}", out.len())),
+        Err(e) => Err(format!("does not decompress: {e}")),
+    }
+}
+
+/// A stored metadata frame: its offset in the stored metadata and its bytes.
+type FrameSrc<'a> = (usize, &'a [u8]);
+
+/// Decompress the stored metadata into exactly `raw_len` bytes. With `frame_log` (the
+/// [`INCOMPAT_META_FRAMES`] feature) it is a sequence of zstd frames of `1 << frame_log`
+/// decompressed bytes each (the last one the rest), found by parsing their headers and
+/// decompressed by up to `threads` threads; the error carries the stored offset of the bad
+/// frame.
+fn decompress_meta(
+    stored: &[u8],
+    raw_len: u64,
+    frame_log: Option<u8>,
+    threads: usize,
+) -> std::result::Result<Vec<u8>, (String, u64)> {
+    let Some(log) = frame_log else {
+        // Version 1.0: one frame, decompressed in one shot straight into the spare capacity.
+        let mut raw: Vec<u8> = Vec::with_capacity(raw_len as usize);
+        let dec = zstd::bulk::Decompressor::new().and_then(|mut d| {
+            d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                META_WINDOW_LOG_MAX,
+            ))?;
+            d.decompress_to_buffer(stored, &mut raw)
+        });
+        return match dec {
+            Ok(n) if n as u64 == raw_len => Ok(raw),
+            Ok(n) => Err((
+                format!("metadata decompresses to {n} bytes, superblock says {raw_len}"),
+                0,
+            )),
+            Err(e) => Err((format!("metadata does not decompress: {e}"), 0)),
+        };
+    };
+    let frame_len = 1usize << log;
+    let count = raw_len.div_ceil(frame_len as u64) as usize;
+    // Find the frames: (stored offset, stored bytes). Each is at least a frame header long,
+    // so there are no more of them than stored bytes.
+    let mut frames: Vec<FrameSrc<'_>> = Vec::with_capacity(count.min(stored.len()));
+    let mut pos = 0usize;
+    for k in 0..count {
+        let rest = stored.get(pos..).unwrap_or(&[]);
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
+            (
+                format!("metadata frame {k} of {count} does not parse"),
+                pos as u64,
+            )
+        })?;
+        if n == 0 || n > rest.len() {
+            return Err((
+                format!("metadata frame {k} of {count} is cut short"),
+                pos as u64,
+            ));
+        }
+        frames.push((pos, &rest[..n]));
+        pos += n;
+    }
+    if pos != stored.len() {
+        return Err((
+            format!(
+                "{} stored bytes after the last of {count} metadata frames",
+                stored.len() - pos
+            ),
+            pos as u64,
+        ));
+    }
+    // Zero-filled by the allocator (fresh pages), written by the decompressors.
+    let mut raw = vec![0u8; raw_len as usize];
+    let mut jobs: Vec<(FrameSrc<'_>, &mut [u8])> =
+        frames.into_iter().zip(raw.chunks_mut(frame_len)).collect();
+    // A queue of frames that the calling thread and up to `threads - 1` helpers empty (if a
+    // helper cannot be started, the others do its share); the first error in stored order.
+    let queue = std::sync::Mutex::new(jobs.iter_mut());
+    let errors = std::sync::Mutex::new(Vec::new());
+    let work = || {
+        let mut dctx = None;
+        loop {
+            let job = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some(((at, src), out)) = job else { break };
+            if let Err(why) = decompress_exact(&mut dctx, src, out) {
+                errors.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    format!("metadata frame at stored offset {at}: {why}"),
+                    *at as u64,
+                ));
+            }
+        }
+    };
+    let helpers = threads.clamp(1, count.max(1)) - 1;
+    std::thread::scope(|s| {
+        for _ in 0..helpers {
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    drop(jobs);
+    let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    errors.sort_by_key(|e| e.1);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(raw),
+    }
 }
 
 /// Decompressed metadata offsets are reported relative to the metadata region, marked so.
@@ -285,6 +512,17 @@ impl<R: ReadAt> Image<R> {
                 "incompatible feature bits {unknown:#x}"
             )));
         }
+        let frame_log = if sb.incompat.get() & INCOMPAT_META_FRAMES != 0 {
+            if !(MIN_META_FRAME_LOG..=MAX_META_FRAME_LOG).contains(&sb.meta_frame_log) {
+                return Err(Error::corrupt(
+                    format!("meta_frame_log {} out of range", sb.meta_frame_log),
+                    14,
+                ));
+            }
+            Some(sb.meta_frame_log)
+        } else {
+            None
+        };
         if !(MIN_BLOCK_LOG..=MAX_BLOCK_LOG).contains(&sb.block_log) {
             return Err(Error::corrupt(
                 format!("block_log {} out of range", sb.block_log),
@@ -342,30 +580,8 @@ impl<R: ReadAt> Image<R> {
         if xxh3_64(&stored) != sb.meta_checksum.get() {
             return Err(Error::corrupt("metadata checksum mismatch", meta.start));
         }
-        // One-shot decompression into exactly `raw_len` bytes of capacity: a frame that would
-        // produce more fails ("destination buffer too small") instead of growing the buffer.
-        let mut raw: Vec<u8> = Vec::with_capacity(raw_len as usize);
-        let dec = zstd::bulk::Decompressor::new().and_then(|mut d| {
-            // The writer compresses metadata at level 19 at most (window 2^23); refuse frames
-            // that would make zstd reserve a larger window.
-            d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(24))?;
-            d.decompress_to_buffer(&stored[..], &mut raw)
-        });
-        match dec {
-            Ok(n) if n as u64 == raw_len => {}
-            Ok(n) => {
-                return Err(Error::corrupt(
-                    format!("metadata decompresses to {n} bytes, superblock says {raw_len}"),
-                    meta.start,
-                ));
-            }
-            Err(e) => {
-                return Err(Error::corrupt(
-                    format!("metadata does not decompress: {e}"),
-                    meta.start,
-                ));
-            }
-        }
+        let raw = decompress_meta(&stored, raw_len, frame_log, opts.threads)
+            .map_err(|(what, at)| meta_region_err(what, meta.start + at))?;
         drop(stored);
         let hdr = MetaHeader::read_from_prefix(&raw)
             .map_err(|_| meta_err("short header", 0))?
@@ -396,6 +612,7 @@ impl<R: ReadAt> Image<R> {
             },
             meta: raw,
             hdr,
+            threads: opts.threads.max(1),
         };
         image.validate()?;
         Ok(image)
@@ -446,26 +663,35 @@ impl<R: ReadAt> Image<R> {
         self.inodes.start + (ino as usize).saturating_sub(1) * size_of::<Inode>()
     }
 
-    /// Checks every record once so later accessors cannot meet an inconsistency.
-    fn validate(&self) -> Result<()> {
+    /// The name of directory entry `j` if the entry is valid on its own: the name lies in the
+    /// blob and is a valid name (§8), the inode exists and has the entry's kind.
+    fn entry_name(&self, j: usize) -> Option<&[u8]> {
+        let d = self.dirent_table().get(j)?;
+        let name = self
+            .blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")
+            .ok()?;
+        let ok = !name.is_empty()
+            && name.len() <= 255
+            && name != b"."
+            && name != b".."
+            && !name.iter().any(|&c| c == b'/' || c == 0);
+        let child = d
+            .inode
+            .get()
+            .checked_sub(1)
+            .and_then(|c| self.inode_table().get(c as usize))?;
+        let kind_ok = FileKind::from_mode(child.mode.get()).map(|k| k as u8) == Some(d.kind);
+        (ok && kind_ok).then_some(name)
+    }
+
+    /// The config, every block, and every inode with its chunks and xattrs (§13 steps 19-21).
+    fn check_records(&self) -> Result<()> {
         let inodes = self.inode_table();
         let dirents = self.dirent_table();
         let chunks = self.chunk_table();
         let blocks = self.block_table();
         let xattrs = self.xattr_table();
         let bs = self.sum.block_size as u64;
-        if inodes.is_empty() || inodes.len() >= u32::MAX as usize {
-            return Err(meta_err(
-                format!("inode count {}", inodes.len()),
-                self.inodes.start,
-            ));
-        }
-        if blocks.len() >= HOLE as usize {
-            return Err(meta_err("too many blocks", self.blocks.start));
-        }
-        if self.sum.hot_blocks > blocks.len() as u64 {
-            return Err(Error::corrupt("hot_blocks exceeds the block count", 88));
-        }
         let cfg = &self.hdr.config;
         self.blob_slice(cfg.offset.get(), cfg.count.get(), "config")?;
         for (i, b) in blocks.iter().enumerate() {
@@ -608,6 +834,61 @@ impl<R: ReadAt> Image<R> {
                 prev = Some(key);
             }
         }
+        Ok(())
+    }
+
+    /// Checks every record once so later accessors cannot meet an inconsistency.
+    fn validate(&self) -> Result<()> {
+        let inodes = self.inode_table();
+        let dirents = self.dirent_table();
+        let blocks = self.block_table();
+        if inodes.is_empty() || inodes.len() >= u32::MAX as usize {
+            return Err(meta_err(
+                format!("inode count {}", inodes.len()),
+                self.inodes.start,
+            ));
+        }
+        if blocks.len() >= HOLE as usize {
+            return Err(meta_err("too many blocks", self.blocks.start));
+        }
+        if self.sum.hot_blocks > blocks.len() as u64 {
+            return Err(Error::corrupt("hot_blocks exceeds the block count", 88));
+        }
+        // The per-record checks, and the name checks of every directory entry that the graph
+        // walk below uses, are independent: with several threads they run side by side, the
+        // entries cut in two pieces per thread so that the threads finish together. (On a
+        // small directory table a helper thread costs more than it saves.)
+        let n = dirents.len();
+        let threads = if n >= 4096 { self.threads } else { 1 };
+        let parts = if threads > 1 { 2 * threads } else { 1 };
+        let records = std::sync::OnceLock::new();
+        let pieces: Vec<std::sync::OnceLock<(Vec<u32>, Vec<u32>)>> =
+            (0..parts).map(|_| std::sync::OnceLock::new()).collect();
+        let entry_piece = |k: usize| {
+            let r = part(n, parts, k);
+            (
+                sorted_range_failures(r.clone(), n, |j| self.entry_name(j)),
+                range_failures(r, |j| dirents[j].kind == FileKind::Dir as u8),
+            )
+        };
+        let mut tasks: Vec<Task<'_>> = vec![Box::new(|| {
+            let _ = records.set(self.check_records());
+        })];
+        for (k, slot) in pieces.iter().enumerate() {
+            tasks.push(Box::new(move || {
+                let _ = slot.set(entry_piece(k));
+            }));
+        }
+        run_tasks(threads, tasks);
+        records
+            .into_inner()
+            .unwrap_or_else(|| self.check_records())?;
+        let (entry_parts, dir_parts): (Vec<_>, Vec<_>) = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(k, p)| p.into_inner().unwrap_or_else(|| entry_piece(k)))
+            .unzip();
+        let (entry_fails, subdirs) = (join_prefix(entry_parts), join_prefix(dir_parts));
         // The directory graph: a tree rooted at inode 1, every directory reached exactly once,
         // its parent field naming the directory that holds it.
         let root = &inodes[0];
@@ -623,26 +904,6 @@ impl<R: ReadAt> Image<R> {
         // others are walked whole; each directory entry is reached at most once, so the ranges
         // walked without error each hold an entry no other one holds, and such intervals
         // cover any point at most twice: the walk stays linear however ranges are shared.
-        let entry_name = |j: usize| -> Option<&[u8]> {
-            let d = &dirents[j];
-            let name = self
-                .blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")
-                .ok()?;
-            let ok = !name.is_empty()
-                && name.len() <= 255
-                && name != b"."
-                && name != b".."
-                && !name.iter().any(|&c| c == b'/' || c == 0);
-            let child = d
-                .inode
-                .get()
-                .checked_sub(1)
-                .and_then(|c| inodes.get(c as usize))?;
-            let kind_ok = FileKind::from_mode(child.mode.get()).map(|k| k as u8) == Some(d.kind);
-            (ok && kind_ok).then_some(name)
-        };
-        let entry_fails = sorted_failures(dirents.len(), entry_name);
-        let subdirs = prefix_failures(dirents.len(), |j| dirents[j].kind == FileKind::Dir as u8);
         let mut seen = vec![false; inodes.len()];
         seen[0] = true;
         let mut stack = vec![ROOT_INO];
@@ -651,7 +912,7 @@ impl<R: ReadAt> Image<R> {
             let (first, count) = (node.first.get() as usize, node.count.get() as usize);
             let (a, e) = (first, first + count);
             if subdirs[e].wrapping_sub(subdirs[a]) == 0
-                && range_clean(&entry_fails, a, e, || entry_name(e - 1).is_some())
+                && range_clean(&entry_fails, a, e, || self.entry_name(e - 1).is_some())
             {
                 continue;
             }

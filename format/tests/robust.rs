@@ -433,22 +433,29 @@ impl Base {
 fn opts() -> OpenOptions {
     OpenOptions {
         max_metadata: MAX_META,
+        // Parallel frame decompression and validation, whatever the machine.
+        threads: 3,
     }
 }
 
 fn bases() -> &'static [Base] {
     static BASES: OnceLock<Vec<Base>> = OnceLock::new();
     BASES.get_or_init(|| {
-        let builders: [(&'static str, Builder); 3] =
-            [("rich", tree_rich), ("hot", tree_hot), ("tiny", tree_tiny)];
+        // The last one stores its metadata as 4 KiB frames (INCOMPAT_META_FRAMES).
+        let builders: [(&'static str, Builder, u8); 4] = [
+            ("rich", tree_rich, 20),
+            ("hot", tree_hot, 20),
+            ("tiny", tree_tiny, 20),
+            ("framed", tree_rich, layout::MIN_META_FRAME_LOG),
+        ];
         builders
             .iter()
-            .map(|&(name, build)| make_base(name, build))
+            .map(|&(name, build, frame_log)| make_base(name, build, frame_log))
             .collect()
     })
 }
 
-fn pack(build: Builder) -> Vec<u8> {
+fn pack(build: Builder, meta_frame_log: u8) -> Vec<u8> {
     let src = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let (hot, config) = build(src.path());
@@ -458,14 +465,15 @@ fn pack(build: Builder) -> Vec<u8> {
         threads: 2,
         hot,
         config,
+        meta_frame_log,
         ..Default::default()
     };
     pack_dir(src.path(), &path, &popts, &|_, _| {}).expect("pack");
     fs::read(&path).unwrap()
 }
 
-fn make_base(name: &'static str, build: Builder) -> Base {
-    let bytes = pack(build);
+fn make_base(name: &'static str, build: Builder, frame_log: u8) -> Base {
+    let bytes = pack(build, frame_log);
     let img = Image::from_reader(bytes.clone(), "img", &opts()).expect("a fresh image opens");
     let snap = match exercise(&img) {
         Ok(s) => s,
@@ -477,6 +485,12 @@ fn make_base(name: &'static str, build: Builder) -> Base {
         sb.meta_stored_len.get() as usize,
     );
     let raw = zstd::stream::decode_all(&bytes[mo..mo + ml]).unwrap();
+    let framed = sb.incompat.get() & layout::INCOMPAT_META_FRAMES != 0;
+    assert_eq!(
+        framed,
+        raw.len() > 1 << frame_log,
+        "the {name} image is framed exactly when its metadata exceeds a frame"
+    );
     let hdr = MetaHeader::read_from_prefix(&raw).unwrap().0;
     let mut base = Base {
         name,
@@ -616,6 +630,24 @@ fn assemble(prefix: &[u8], mut sb: Superblock, stored: &[u8], raw_len: u64) -> V
 
 fn compress(raw: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(raw, 1).unwrap()
+}
+
+/// `raw` compressed as one frame per `1 << log` bytes, as an image with
+/// `INCOMPAT_META_FRAMES` stores its metadata.
+fn compress_frames(raw: &[u8], log: u8) -> Vec<u8> {
+    if raw.is_empty() {
+        return compress(raw);
+    }
+    raw.chunks(1 << log).flat_map(compress).collect()
+}
+
+/// `raw` compressed the way `base` stores its metadata.
+fn compress_like(base: &Base, raw: &[u8]) -> Vec<u8> {
+    if base.sb.incompat.get() & layout::INCOMPAT_META_FRAMES != 0 {
+        compress_frames(raw, base.sb.meta_frame_log)
+    } else {
+        compress(raw)
+    }
 }
 
 /// Precomputed zstd frames that decompress to much more than they weigh.
@@ -1311,10 +1343,14 @@ fn mutate_superblock(base: &Base, rng: &mut Rng) -> Vec<u8> {
                 "level",
                 "reserved0",
                 "reserved1",
+                "meta_frame_log",
+                "incompat",
             ]);
             let at = field("Superblock", name);
             let v = match name {
                 "hot_blocks" => rng.below(base.count(T::Block) as u64 + 3),
+                "meta_frame_log" => rng.pick(&[0, 1, 11, 12, 13, 19, 20, 21, 30, 31, 255]),
+                "incompat" if rng.one_in(2) => get(&img, at.0, at.1) ^ layout::INCOMPAT_META_FRAMES,
                 _ => boundary(rng, get(&img, at.0, at.1), at.1, &[]),
             };
             put_at(&mut img, at, v);
@@ -1344,10 +1380,30 @@ fn mutate_metadata(base: &Base, rng: &mut Rng) -> Vec<u8> {
     for _ in 0..rounds {
         meta_edit(base, &mut raw, rng);
     }
-    let mut stored = compress(&raw);
+    let mut stored = compress_like(base, &raw);
     let mut raw_len = raw.len() as u64;
     let f = frames();
+    let framed = base.sb.incompat.get() & layout::INCOMPAT_META_FRAMES != 0;
     match rng.below(30) {
+        // Frames of the wrong size, or one frame where several are expected.
+        8 if framed => {
+            let log = base.sb.meta_frame_log;
+            stored = match rng.below(3) {
+                0 => compress(&raw),
+                1 => compress_frames(&raw, log + 1),
+                _ => compress_frames(&raw, log - 1),
+            };
+        }
+        // Two frames swapped.
+        9 if framed && !raw.is_empty() => {
+            let mut pieces: Vec<Vec<u8>> = raw
+                .chunks(1 << base.sb.meta_frame_log)
+                .map(compress)
+                .collect();
+            let (a, b) = (rng.index(pieces.len()), rng.index(pieces.len()));
+            pieces.swap(a, b);
+            stored = pieces.concat();
+        }
         0 => {
             let l = raw_len;
             raw_len = rng.pick(&[
@@ -1942,7 +1998,7 @@ fn mutate_data(base: &Base, rng: &mut Rng) -> Mutant {
         let sum = xxh3_64(&img[off..off + st]);
         put_at(&mut raw, base.at(T::Block, idx, "checksum"), sum);
     }
-    let stored = compress(&raw);
+    let stored = compress_like(base, &raw);
     let bytes = assemble(
         &img[..base.meta_offset()],
         base.sb,

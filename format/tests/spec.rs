@@ -342,13 +342,16 @@ fn spec_constants() -> BTreeMap<String, (String, usize)> {
 #[test]
 fn constants_match_code() {
     let consts = spec_constants();
-    let numeric: [(&str, u64); 8] = [
+    let numeric: [(&str, u64); 11] = [
         ("VERSION_MAJOR", layout::VERSION_MAJOR.into()),
         ("VERSION_MINOR", layout::VERSION_MINOR.into()),
         ("SUPERBLOCK_AREA", layout::SUPERBLOCK_AREA),
         ("MIN_BLOCK_LOG", layout::MIN_BLOCK_LOG.into()),
         ("MAX_BLOCK_LOG", layout::MAX_BLOCK_LOG.into()),
+        ("INCOMPAT_META_FRAMES", layout::INCOMPAT_META_FRAMES),
         ("INCOMPAT_KNOWN", layout::INCOMPAT_KNOWN),
+        ("MIN_META_FRAME_LOG", layout::MIN_META_FRAME_LOG.into()),
+        ("MAX_META_FRAME_LOG", layout::MAX_META_FRAME_LOG.into()),
         ("HOLE", layout::HOLE.into()),
         ("ROOT_INO", layout::ROOT_INO.into()),
     ];
@@ -555,6 +558,12 @@ fn written_image_follows_spec() {
     );
     assert_eq!(sbf.uint(sb, "image_size"), file.len() as u64, "image_size");
     assert_eq!(sbf.uint(sb, "reserved0"), 0, "reserved0");
+    assert_eq!(
+        sbf.uint(sb, "incompat"),
+        0,
+        "metadata of one frame sets no incompat bit"
+    );
+    assert_eq!(sbf.uint(sb, "meta_frame_log"), 0, "meta_frame_log");
     assert_eq!(sbf.uint(sb, "reserved1"), 0, "reserved1");
     let digest = xxh3_128(&file[data_offset as usize..]).to_le_bytes();
     assert_eq!(
@@ -618,4 +627,99 @@ fn written_image_follows_spec() {
         };
         assert_eq!(content.len(), raw, "block {i} decompresses to raw_len");
     }
+}
+
+#[test]
+fn framed_metadata_follows_spec() {
+    use xxhash_rust::xxh3::xxh3_64;
+    let recs = spec_records();
+    let sbf = Fields(
+        recs.iter()
+            .find(|r| r.name == "Superblock")
+            .expect("no Superblock record"),
+    );
+    let consts = spec_constants();
+    let constant = |n: &str| {
+        consts
+            .get(n)
+            .and_then(|v| parse_number(&v.0))
+            .unwrap_or_else(|| panic!("constant {n}"))
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    for d in 0..20 {
+        let sub = src.join(format!("directory-{d:03}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..40 {
+            std::fs::write(sub.join(format!("file-{f:03}")), format!("{d} {f}\n")).expect("write");
+        }
+    }
+    let pack = |log: u8| {
+        let out = dir.path().join(format!("img-{log}.cimg"));
+        let opts = cimg_format::PackOptions {
+            threads: 3,
+            meta_frame_log: log,
+            ..Default::default()
+        };
+        cimg_format::pack_dir(&src, &out, &opts, &|_, _| {}).expect("pack");
+        std::fs::read(&out).expect("read image")
+    };
+    let log = constant("MIN_META_FRAME_LOG") as u8;
+    let file = pack(log);
+    let one = pack(20);
+    let sb = &file[..sbf.0.size];
+    assert_eq!(
+        sbf.uint(sb, "incompat"),
+        constant("INCOMPAT_META_FRAMES"),
+        "framed metadata sets INCOMPAT_META_FRAMES"
+    );
+    assert_eq!(sbf.uint(sb, "meta_frame_log"), log as u64, "meta_frame_log");
+
+    assert_eq!(sbf.uint(sb, "reserved0"), 0, "reserved0");
+    let (mo, ml, raw_len) = (
+        sbf.uint(sb, "meta_offset") as usize,
+        sbf.uint(sb, "meta_stored_len") as usize,
+        sbf.uint(sb, "meta_raw_len") as usize,
+    );
+    let stored = &file[mo..mo + ml];
+    assert_eq!(sbf.uint(sb, "meta_checksum"), xxh3_64(stored), "checksum");
+    // Frame by frame: each a complete zstd frame of F bytes (the last the rest).
+    let f = 1usize << log;
+    let count = raw_len.div_ceil(f);
+    assert!(
+        count > 1,
+        "the test tree needs several frames ({raw_len} bytes)"
+    );
+    let mut pos = 0;
+    let mut meta = Vec::new();
+    for k in 0..count {
+        let n = zstd::zstd_safe::find_frame_compressed_size(&stored[pos..]).expect("a frame");
+        let piece = zstd::stream::decode_all(&stored[pos..pos + n]).expect("frame decodes");
+        assert_eq!(piece.len(), f.min(raw_len - k * f), "frame {k} length");
+        meta.extend(piece);
+        pos += n;
+    }
+    assert_eq!(pos, ml, "nothing after the last frame");
+    // The same metadata as the one-frame image of the same tree, which sets no bit.
+    let sb1 = &one[..sbf.0.size];
+    assert_eq!(sbf.uint(sb1, "incompat"), 0, "one frame: no incompat bit");
+    let (mo1, ml1) = (
+        sbf.uint(sb1, "meta_offset") as usize,
+        sbf.uint(sb1, "meta_stored_len") as usize,
+    );
+    let meta1 = zstd::stream::decode_all(&one[mo1..mo1 + ml1]).expect("one frame");
+    assert_eq!(meta, meta1, "framing does not change the metadata");
+    // And both read the same.
+    let a = cimg_format::Image::from_reader(file, "framed", &Default::default()).expect("open");
+    let b = cimg_format::Image::from_reader(one, "one", &Default::default()).expect("open");
+    let walk = |img: &cimg_format::Image<Vec<u8>>| {
+        let mut out = Vec::new();
+        img.walk(|p, e| {
+            out.push((p.to_vec(), e.ino));
+            Ok(())
+        })
+        .expect("walk");
+        out
+    };
+    assert_eq!(walk(&a), walk(&b));
 }

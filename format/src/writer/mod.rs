@@ -52,6 +52,11 @@ pub struct PackOptions {
     pub config: Option<Vec<u8>>,
     /// How files after the hot list are ordered.
     pub order: Order,
+    /// log2 of the decompressed bytes per metadata frame (12..=30); default 20 (1 MiB).
+    /// Metadata larger than one frame is stored as independent zstd frames that readers
+    /// decompress in parallel (feature `INCOMPAT_META_FRAMES`); smaller metadata is one frame,
+    /// readable by readers that predate the feature.
+    pub meta_frame_log: u8,
 }
 
 /// Data layout order of the files that are not on the hot list.
@@ -77,6 +82,7 @@ impl Default for PackOptions {
             root_owned: false,
             config: None,
             order: Order::default(),
+            meta_frame_log: 20,
         }
     }
 }
@@ -814,8 +820,8 @@ where
     // Metadata.
     let meta = build_metadata(tree, opts, &order, &st, &blocks, total)?;
     let level = opts.level.clamp(3, 19);
-    let stored_meta = zstd::bulk::compress(&meta.bytes, level)
-        .map_err(|e| Error::Invalid(format!("zstd compression of metadata failed: {e}")))?;
+    let (stored_meta, frame_log) =
+        compress_metadata(&meta.bytes, level, opts.meta_frame_log, opts.threads)?;
     w.write_all(&stored_meta).map_err(io)?;
     digest.update(&stored_meta);
     let meta_offset = pos;
@@ -829,9 +835,14 @@ where
         version_minor: U16::new(layout::VERSION_MINOR),
         block_log: opts.block_log,
         level: opts.level.clamp(i8::MIN as i32, i8::MAX as i32) as i8,
-        reserved0: U16::new(0),
+        meta_frame_log: frame_log.unwrap_or(0),
+        reserved0: 0,
         compat: U64::new(0),
-        incompat: U64::new(0),
+        incompat: U64::new(if frame_log.is_some() {
+            layout::INCOMPAT_META_FRAMES
+        } else {
+            0
+        }),
         image_size: U64::new(pos),
         data_offset: U64::new(SUPERBLOCK_AREA),
         data_len: U64::new(data_len),
@@ -860,6 +871,59 @@ where
 struct Meta {
     bytes: Vec<u8>,
     inodes: u64,
+}
+
+/// Compress the metadata: one zstd frame when it fits in `1 << frame_log` bytes (a 1.0
+/// image), else one frame per `1 << frame_log` bytes, compressed by up to `threads` threads,
+/// and the frame log to record (`INCOMPAT_META_FRAMES`). The output does not depend on the
+/// thread count.
+fn compress_metadata(
+    raw: &[u8],
+    level: i32,
+    frame_log: u8,
+    threads: usize,
+) -> Result<(Vec<u8>, Option<u8>)> {
+    if !(layout::MIN_META_FRAME_LOG..=layout::MAX_META_FRAME_LOG).contains(&frame_log) {
+        return Err(Error::Invalid(format!(
+            "metadata frame log {frame_log} outside {}..={}",
+            layout::MIN_META_FRAME_LOG,
+            layout::MAX_META_FRAME_LOG
+        )));
+    }
+    let fail =
+        |e: std::io::Error| Error::Invalid(format!("zstd compression of metadata failed: {e}"));
+    let frame_len = 1usize << frame_log;
+    if raw.len() <= frame_len {
+        return Ok((zstd::bulk::compress(raw, level).map_err(fail)?, None));
+    }
+    let pieces: Vec<&[u8]> = raw.chunks(frame_len).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<std::io::Result<Vec<u8>>>>> =
+        Mutex::new((0..pieces.len()).map(|_| None).collect());
+    let work = || {
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(piece) = pieces.get(k) else { break };
+            let r = zstd::bulk::compress(piece, level);
+            done.lock().unwrap_or_else(|p| p.into_inner())[k] = Some(r);
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.clamp(1, pieces.len()) {
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    let mut out = Vec::new();
+    for r in done.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        let frame = r
+            .ok_or_else(|| Error::Invalid("internal: metadata frame not compressed".into()))?
+            .map_err(fail)?;
+        out.extend_from_slice(&frame);
+    }
+    Ok((out, Some(frame_log)))
 }
 
 fn build_metadata(
