@@ -76,6 +76,7 @@ pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
 pub fn unshare_user_mount(inside_uid: u32, inside_gid: u32) -> Result<(), Error> {
     let uid = Uid::current().as_raw();
     let gid = Gid::current().as_raw();
+    wait_single_threaded();
     unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).map_err(|e| {
         let hint = match fs::read_to_string("/proc/sys/user/max_user_namespaces") {
             Ok(s) if s.trim() == "0" => " (user.max_user_namespaces is 0)",
@@ -102,6 +103,20 @@ pub fn unshare_user_mount(inside_uid: u32, inside_gid: u32) -> Result<(), Error>
     )
     .map_err(|e| Error::userns(errno_msg("cannot make / private", e)))?;
     Ok(())
+}
+
+/// unshare(CLONE_NEWUSER) needs a single-threaded process. Helper threads (the image
+/// reader's parallel validation) are joined before use, but a joined thread can still be
+/// leaving the kernel's thread group for a moment: wait (briefly) until it has.
+fn wait_single_threaded() {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(200) {
+        let threads = fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+        if threads <= 1 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 /// An io::Error as a lowercase reason.

@@ -93,12 +93,8 @@ struct NewGroup {
 enum Entry {
     /// `--join-pid`.
     Pid(i32),
-    /// A joiner of a group.
-    Join {
-        conn: OwnedFd,
-        pidfd: OwnedFd,
-        config: Vec<u8>,
-    },
+    /// A joiner of a group, already inside.
+    Joined { conn: OwnedFd, config: Vec<u8> },
 }
 
 /// Run the plan: build or join the container, run the command, return its exit code.
@@ -109,40 +105,77 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
     };
     match join::mode(&plan, &|k| std::env::var(k).ok())? {
         JoinMode::Alone => create(plan, None, log),
-        JoinMode::Pid(pid) => enter_existing(plan, Entry::Pid(pid), log),
+        JoinMode::Pid(pid) => {
+            let host = Host::read(&plan)?;
+            enter_existing(plan, host, Entry::Pid(pid), log)
+        }
         JoinMode::Group { tag, count } => {
             let image = fs::canonicalize(&plan.image).map_err(|e| {
                 Error::image(format!("{}: {}", plan.image.display(), enter::io_msg(&e)))
             })?;
-            match join::rendezvous(&tag, count, &image)? {
-                Role::Creator(listener) => {
-                    log.v(|| format!("group {tag}: first of {count}, creating the container"));
-                    let g = NewGroup {
-                        listener,
-                        tag,
-                        count,
-                        image,
-                    };
-                    create(plan, Some(g), log)
-                }
-                Role::Joiner {
-                    conn,
-                    pidfd,
-                    config,
-                } => {
-                    log.v(|| format!("group {tag}: joining"));
-                    enter_existing(
-                        plan,
-                        Entry::Join {
-                            conn,
-                            pidfd,
-                            config,
-                        },
-                        log,
-                    )
+            let host = Host::read(&plan)?;
+            // A peer that answered may exit before we enter through it (ESRCH): ask again.
+            for _ in 0..1000 {
+                match join::rendezvous(&tag, count, &image)? {
+                    Role::Creator(listener) => {
+                        log.v(|| format!("group {tag}: first of {count}, creating the container"));
+                        let g = NewGroup {
+                            listener,
+                            tag,
+                            count,
+                            image,
+                        };
+                        return create(plan, Some(g), log);
+                    }
+                    Role::Joiner {
+                        conn,
+                        pidfd,
+                        config,
+                    } => {
+                        let flags = CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS;
+                        match nix::sched::setns(&pidfd, flags) {
+                            Ok(()) => {
+                                log.v(|| format!("group {tag}: joined"));
+                                let entry = Entry::Joined { conn, config };
+                                return enter_existing(plan, host, entry, log);
+                            }
+                            Err(Errno::ESRCH) => continue,
+                            Err(e) => {
+                                return Err(Error::other(errno_msg(
+                                    "cannot enter the group's container",
+                                    e,
+                                )));
+                            }
+                        }
+                    }
                 }
             }
+            Err(Error::other(format!(
+                "join {tag}: every peer left before this one could enter"
+            )))
         }
+    }
+}
+
+/// What a peer entering an existing container takes from the host before it enters.
+struct Host {
+    env_files: Vec<(PathBuf, Vec<u8>)>,
+    cwd: Option<PathBuf>,
+    user_name: String,
+}
+
+impl Host {
+    fn read(plan: &Plan) -> Result<Host, Error> {
+        Ok(Host {
+            env_files: read_env_files(plan)?,
+            cwd: std::env::current_dir().ok(),
+            user_name: User::from_uid(Uid::current())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| format!("user{}", Uid::current())),
+        })
     }
 }
 
@@ -537,16 +570,16 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    // A group's creator moves into the container too, and registers: joiners enter through
-    // registered peers.
+    // Launch moves into the container's mount namespace too (so the staging namespace and
+    // its copy of the mount go away), and a group's creator registers: joiners enter
+    // through registered peers.
+    let pidfd = crate::sys::pidfd_open(app.as_raw())
+        .map_err(|e| Error::other(errno_msg("pidfd_open", e)))?;
+    nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWNS)
+        .map_err(|e| Error::other(errno_msg("cannot enter the container", e)))?;
+    drop(pidfd);
     let conn = match group {
-        Some((tag, count, image)) => {
-            let pidfd = crate::sys::pidfd_open(app.as_raw())
-                .map_err(|e| Error::other(errno_msg("pidfd_open", e)))?;
-            nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWNS)
-                .map_err(|e| Error::other(errno_msg("cannot enter the container", e)))?;
-            Some(join::connect_creator(&tag, count, &image)?)
-        }
+        Some((tag, count, image)) => Some(join::connect_creator(&tag, count, &image)?),
         None => None,
     };
     supervise(&sfd, app, server.as_ref().map(|s| s.0), conn.as_ref(), &log)
@@ -554,16 +587,14 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
 
 /// Run the command in a container that exists: a group's (through a peer inside) or a
 /// process's (`--join-pid`).
-fn enter_existing(plan: Plan, entry: Entry, log: Log) -> Result<i32, Error> {
-    let env_files = read_env_files(&plan)?;
-    let host_cwd = std::env::current_dir().ok();
-    let user_name = User::from_uid(Uid::current())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| format!("user{}", Uid::current()));
-    let (pidfd, conn, config, what) = match entry {
+fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32, Error> {
+    let Host {
+        env_files,
+        cwd: host_cwd,
+        user_name,
+    } = host;
+    let (sfd, old_mask) = block_signals()?;
+    let (conn, config, what) = match entry {
         Entry::Pid(pid) => {
             let environ = fs::read(format!("/proc/{pid}/environ"))
                 .map_err(|e| Error::usage(format!("--join-pid {pid}: {}", enter::io_msg(&e))))?;
@@ -574,23 +605,13 @@ fn enter_existing(plan: Plan, entry: Entry, log: Log) -> Result<i32, Error> {
             }
             let pidfd = crate::sys::pidfd_open(pid)
                 .map_err(|e| Error::usage(errno_msg(format!("--join-pid {pid}"), e)))?;
-            (
-                pidfd,
-                None,
-                Vec::new(),
-                format!("the container of process {pid}"),
-            )
+            let what = format!("the container of process {pid}");
+            nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+                .map_err(|e| Error::other(errno_msg(format!("cannot enter {what}"), e)))?;
+            (None, Vec::new(), what)
         }
-        Entry::Join {
-            conn,
-            pidfd,
-            config,
-        } => (pidfd, Some(conn), config, "the group's container".into()),
+        Entry::Joined { conn, config } => (Some(conn), config, "the group's container".to_string()),
     };
-    let (sfd, old_mask) = block_signals()?;
-    nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
-        .map_err(|e| Error::other(errno_msg(format!("cannot enter {what}"), e)))?;
-    drop(pidfd);
     if let Some(c) = &conn {
         join::register(c)?;
     }
