@@ -22,14 +22,15 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Whether `tool` runs (`tool version_flag`). Missing in CI is a failure.
+/// Whether `tool` can be run (`tool version_flag`; its exit status does not matter: `unsquashfs
+/// -version` exits 1). Missing in CI is a failure.
 fn have(tool: &str, version_flag: &str, test: &str) -> bool {
     let ok = Command::new(tool)
         .arg(version_flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok();
     if !ok {
         assert!(
             !in_ci(),
