@@ -155,7 +155,12 @@ fn tag_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
         }
     }
     if let (Some(job), Some(step)) = (env("SLURM_JOB_ID"), env("SLURM_STEP_ID")) {
-        return Ok(format!("slurm-{job}.{step}"));
+        // The node is part of the tag: the ranks of one step on one node form a group (and
+        // several slurmd on one host, as in tests, do not merge their nodes' groups).
+        let node = env("SLURM_NODEID")
+            .or_else(|| env("SLURMD_NODENAME"))
+            .unwrap_or_default();
+        return Ok(format!("slurm-{job}.{step}.{node}"));
     }
     if let Some(v) = env("PMIX_NAMESPACE").filter(|v| !v.is_empty()) {
         return Ok(format!("pmix-{v}"));
@@ -610,7 +615,7 @@ mod tests {
         assert_eq!(
             mode(&plan(&[]), &slurm).unwrap(),
             JoinMode::Group {
-                tag: "slurm-77.3".into(),
+                tag: "slurm-77.3.2".into(),
                 count: 2
             }
         );

@@ -1,0 +1,85 @@
+//! A real Slurm cluster on this machine (munged, slurmctld, four slurmd started with
+//! `slurmd -N`), and `srun -N4 -n16 launch ...` across it: exactly four containers (four
+//! mount namespaces, four FUSE servers) of four ranks each, every rank sees the image, exit
+//! codes reach srun, and scancel of a running step leaves no process and no mount behind.
+//! The script `tests/slurm/cluster.sh` does the cluster work and tears it down.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::*;
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn srun_across_four_nodes_makes_one_container_per_node() {
+    if !capable() {
+        return;
+    }
+    let tools = [
+        "munged",
+        "slurmctld",
+        "slurmd",
+        "srun",
+        "sinfo",
+        "squeue",
+        "scancel",
+    ];
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if !missing.is_empty() {
+        assert!(
+            !ci(),
+            "the Slurm test needs {missing:?} (apt-get install slurm-wlm munge)"
+        );
+        eprintln!("skipping: needs {missing:?}");
+        return;
+    }
+    let f = fixture();
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slurm/cluster.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .arg(LAUNCH)
+        .arg(&f.image)
+        .arg(work.path().join("cluster"))
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let text = out(&o);
+    assert!(
+        o.status.success(),
+        "cluster script failed:\n{text}\n{}",
+        err(&o)
+    );
+    let checks: BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("CHECK "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let expect = [
+        ("idle_nodes", "4"),
+        ("servers", "4"),
+        ("mount_namespaces", "4"),
+        ("step1_status", "0"),
+        ("ranks", "16"),
+        ("nodes", "4"),
+        ("containers", "4"),
+        ("node_container_pairs", "4"),
+        ("max_ranks_per_container", "4"),
+        ("exit_status", "3"),
+        ("step3_up", "16"),
+        ("after_scancel_processes", "0"),
+        ("after_scancel_mounts", "0"),
+        ("after_scancel_sleepers", "0"),
+    ];
+    for (k, v) in expect {
+        assert_eq!(checks.get(k).copied(), Some(v), "{k}:\n{text}\n{}", err(&o));
+    }
+}
