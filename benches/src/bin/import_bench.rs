@@ -701,6 +701,13 @@ fn table(r: &ReportJson) -> String {
         "{:<26} {:>9.2}",
         "umoci unpack + mksquashfs", r.median_pipeline_wall_secs
     );
+    if r.tree.bytes < 300_000_000 {
+        let _ = writeln!(
+            s,
+            "note: the image's tree holds {}, under the 300 MB the benchmark of issue 6 asks for",
+            human_bytes(r.tree.bytes)
+        );
+    }
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let _ = writeln!(
         s,
