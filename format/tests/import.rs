@@ -797,9 +797,9 @@ fn hostile_whiteout_escape() {
     assert!(err.contains("entry a/.wh...: invalid whiteout"), "{err}");
 }
 
-/// SquashFS images made by `mksquashfs` (skipped when it is not installed, outside CI): the imported
-/// tree equals the same directory packed directly (hard links and xattrs aside, which the
-/// `backhand` reader does not expose), for each compressor.
+/// SquashFS images made by `mksquashfs` (skipped when it is not installed, outside CI): the
+/// imported tree equals the same directory packed directly (hard links and xattrs aside, which
+/// the `backhand` reader does not expose), for each compressor.
 #[test]
 fn sqfs_from_mksquashfs() {
     let d = tempfile::tempdir().unwrap();
