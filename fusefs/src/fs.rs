@@ -40,7 +40,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -133,7 +133,17 @@ struct Inner {
     /// Where freshly decompressed blocks go to be pushed into the kernel's page cache
     /// (see [`StoreJob`]); unset until the session exists.
     store: std::sync::OnceLock<Sender<StoreJob>>,
+    /// The prefetch queue of the workers, for image-order read-ahead (see
+    /// [`Inner::read_ahead`]); unset without workers. (The workers stop when the read-job
+    /// channel closes, so this sender does not keep them alive.)
+    prefetch: std::sync::OnceLock<Sender<u32>>,
+    /// Recently read blocks, direct-mapped by index modulo [`RECENT`]: whether the reader
+    /// of a block just read the one or two before it.
+    recent: [AtomicU32; RECENT],
 }
+
+/// Slots of [`Inner::recent`].
+const RECENT: usize = 16;
 
 /// The rest of a freshly decompressed block, to push into the kernel's page cache for
 /// `ino` with FUSE_NOTIFY_STORE, as the kernel's own squashfs fills the page cache with a
@@ -176,6 +186,36 @@ impl Inner {
             self.img.decode_block(idx, &stored, block.as_mut_slice())
         })?;
         Ok(block)
+    }
+
+    /// Image-order read-ahead: files read in the order they are laid out (a tree read in
+    /// directory order, small files sharing blocks) read the image's blocks in index order
+    /// without any one file being read sequentially. When block `idx` is read and block
+    /// `idx - 1` or `idx - 2` was read just before, the next [`PREFETCH_BLOCKS`] blocks go to
+    /// the prefetch queue: on a miss of `idx`, and on every eighth block when it hits (the
+    /// window moves along without checking it on every read). Random reads cost two atomic
+    /// loads and a store.
+    fn read_ahead(&self, idx: u32, miss: bool) {
+        let slot = |b: u32| &self.recent[b as usize % RECENT];
+        let follows = [1, 2].iter().any(|&d| {
+            idx.checked_sub(d)
+                .is_some_and(|p| slot(p).load(Ordering::Relaxed) == p)
+        });
+        slot(idx).store(idx, Ordering::Relaxed);
+        if !follows || !(miss || idx.is_multiple_of(8)) {
+            return;
+        }
+        let Some(tx) = self.prefetch.get() else {
+            return;
+        };
+        let end = idx
+            .saturating_add(PREFETCH_BLOCKS as u32)
+            .min(self.img.block_count().saturating_sub(1));
+        for b in idx.saturating_add(1)..=end {
+            if !self.cache.contains(b) && tx.try_send(b).is_err() {
+                return;
+            }
+        }
     }
 
     /// Block `idx` through the cache; a bad block is logged once, naming `ino` if known.
@@ -267,6 +307,7 @@ impl Inner {
                 None => out(&vec![0; n]),
                 Some(b) => {
                     let fresh = !self.cache.is_ready(b);
+                    self.read_ahead(b, fresh);
                     let data = self.block(b, Some(ino))?;
                     out(slice(&data, b, ext.block_offset as usize + within, n)?);
                     // A read of part of a block just decompressed: give the kernel the rest
@@ -299,6 +340,7 @@ impl Inner {
             match ext.block {
                 None => buf.resize(buf.len() + n, 0),
                 Some(b) => {
+                    self.read_ahead(b, !self.cache.is_ready(b));
                     let data = self.block(b, Some(ino))?;
                     buf.extend_from_slice(slice(&data, b, ext.block_offset as usize + within, n)?);
                 }
@@ -509,6 +551,8 @@ impl CimgFs {
             blksize,
             logged: Mutex::new(HashSet::new()),
             store: std::sync::OnceLock::new(),
+            prefetch: std::sync::OnceLock::new(),
+            recent: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
         });
         let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
@@ -517,6 +561,9 @@ impl CimgFs {
         } else {
             (None, None, None, None)
         };
+        if let Some(tx) = &tx {
+            let _ = inner.prefetch.set(tx.clone());
+        }
         let hot = opts
             .record_hot
             .is_some()

@@ -1,4 +1,4 @@
-//! `cimg-mount IMG DIR [--foreground] [--threads N] [--cache-size S] [--log FILE]
+//! `cimg-mount IMG DIR [--foreground] [--threads N] [--workers N] [--cache-size S] [--log FILE]
 //! [--record-hot FILE]`: mount a `.cimg` image read-only on DIR.
 //!
 //! By default it returns once the mount answers, so a script can use DIR on the next line:
@@ -37,6 +37,11 @@ struct Args {
     /// FUSE event loops, each on its own /dev/fuse fd (default: cores, at most 16).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Threads that load blocks (read, verify, decompress) and prefetch (default: twice the
+    /// cores, 4 to 16: they also wait for the disk; 0 loads in the event loops and does not
+    /// prefetch).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     /// Decompressed-block cache size, e.g. 512M (default 256M).
     #[arg(long, value_name = "S", value_parser = cimg_format::units::parse_size)]
     cache_size: Option<u64>,
@@ -61,6 +66,10 @@ fn options(a: &Args) -> MountOptions {
     if let Some(c) = a.cache_size {
         o.fs.cache_size = c;
     }
+    // Twice the cores: a worker waiting for the image's bytes leaves its core to another (a
+    // cold sequential read of a 1 GiB file on 2 cores: about 500 MB/s with 2, 800 with 4).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    o.fs.workers = a.workers.unwrap_or((2 * cores).clamp(4, 16));
     o.fs.record_hot = a.record_hot.clone();
     o
 }
@@ -145,6 +154,9 @@ fn background(a: &Args) -> anyhow::Result<()> {
     }
     if let Some(c) = a.cache_size {
         cmd.arg("--cache-size").arg(c.to_string());
+    }
+    if let Some(w) = a.workers {
+        cmd.arg("--workers").arg(w.to_string());
     }
     if let Some(f) = &a.record_hot {
         let f = std::path::absolute(f).with_context(|| format!("{}", f.display()))?;
