@@ -1,18 +1,22 @@
 //! The process tree of one container and its supervision.
 //!
 //! ```text
-//! launch (supervisor)             user ns U, mount ns B (staging: tmpfs on /tmp, the root)
-//!  ├─ FUSE server                 ns U, its own mount ns C without the mount; own session
-//!  └─ app (exec'd CMD)            ns U, mount ns B' (a copy of B), pivot_root'ed into the image
+//! launch (supervisor)   user ns U, mount ns B: builds the root on a staging tmpfs over /tmp,
+//!  │                    then pivot_root's into it (the host's root is detached)
+//!  ├─ FUSE server       ns U, its own mount ns C (a copy made before anything was mounted,
+//!  │                    so without the image's mount); its own session
+//!  └─ app (exec'd CMD)  forked by launch inside the container (ns U, B)
 //! ```
 //!
-//! The FUSE mount exists only in B and B'. When the last process of the container has left
-//! them (the app, whatever it started, and launch itself), the kernel drops the mount, aborts
+//! The FUSE mount exists only in B. When the last process of the container has left it (the
+//! app, whatever it started, launch itself, joined peers), the kernel drops the mount, aborts
 //! the FUSE connection, and the server's read of `/dev/fuse` ends: the server exits. So the
 //! filesystem lives exactly as long as any container process, and SIGKILL of any part leaves
 //! nothing behind: the app has `PR_SET_PDEATHSIG(SIGKILL)` (launch killed → app killed), the
 //! server has it until its handshake is done (launch killed during setup → server killed),
 //! launch kills the app if the server dies, and all mounts are private to the namespaces.
+//! The server keeps launch's stderr only while launch lives (then /dev/null), so a caller
+//! reading launch's output is not held open by the server.
 //!
 //! Launch forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH and SIGALRM
 //! to the app (read from a signalfd; a signal the terminal sent to the whole foreground
@@ -546,7 +550,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             PathBuf::from("/")
         };
         Ok(Built {
-            root: Some(root_dir),
+            root: root_dir,
             cwd,
             env,
         })
@@ -561,8 +565,16 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     log.v(|| format!("container ready, cwd {}", built.cwd.display()));
     drop((dev, proc_, sys, etc, host_tmp, home, binds));
 
+    // Launch itself moves into the container (pivot_root in this namespace; the staging
+    // area and the host's root are detached), so the app needs no namespace of its own and
+    // joiners enter through launch.
+    if let Err(e) = enter::pivot(&built.root, &built.cwd) {
+        kill_server(&server);
+        return Err(e);
+    }
+    log.v(|| "entered the container (pivot_root)".into());
     // The app.
-    let app = match fork_app(&built, &plan.cmd, me, &old_mask) {
+    let app = match fork_app(&built.cwd, &built.env, &plan.cmd, me, &old_mask) {
         Ok(app) => app,
         Err(e) => {
             kill_server(&server);
@@ -570,14 +582,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    // Launch moves into the container's mount namespace too (so the staging namespace and
-    // its copy of the mount go away), and a group's creator registers: joiners enter
-    // through registered peers.
-    let pidfd = crate::sys::pidfd_open(app.as_raw())
-        .map_err(|e| Error::other(errno_msg("pidfd_open", e)))?;
-    nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWNS)
-        .map_err(|e| Error::other(errno_msg("cannot enter the container", e)))?;
-    drop(pidfd);
+    // A group's creator registers: joiners enter through registered peers.
     let conn = match group {
         Some((tag, count, image)) => Some(join::connect_creator(&tag, count, &image)?),
         None => None,
@@ -645,23 +650,24 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
     } else {
         PathBuf::from("/")
     };
-    let built = Built {
-        root: None,
-        cwd,
-        env,
-    };
-    let app = fork_app(&built, &plan.cmd, Pid::this(), &old_mask)?;
+    let app = fork_app(&cwd, &env, &plan.cmd, Pid::this(), &old_mask)?;
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
     supervise(&sfd, app, None, conn.as_ref(), &log)
 }
 
 /// Fork the app and wait until it has exec'd the command (or failed to: its error).
-fn fork_app(built: &Built, cmd: &[OsString], me: Pid, old_mask: &SigSet) -> Result<Pid, Error> {
+fn fork_app(
+    cwd: &Path,
+    env: &Env,
+    cmd: &[OsString],
+    me: Pid,
+    old_mask: &SigSet,
+) -> Result<Pid, Error> {
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
     let app = match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
         Forked::Child => {
             drop(err_r);
-            app_main(built, cmd, err_w, me, old_mask)
+            app_main(cwd, env, cmd, err_w, me, old_mask)
         }
         Forked::Parent(pid) => pid,
     };
@@ -677,10 +683,10 @@ fn fork_app(built: &Built, cmd: &[OsString], me: Pid, old_mask: &SigSet) -> Resu
     Ok(app)
 }
 
-/// What the app's process needs.
+/// The container, ready to enter.
 struct Built {
-    /// The new root to pivot into (`None`: already inside).
-    root: Option<PathBuf>,
+    /// The new root, to pivot into.
+    root: PathBuf,
     cwd: PathBuf,
     env: Env,
 }
@@ -797,9 +803,16 @@ fn server_main(
     }
 }
 
-/// The app's process: its own mount namespace, pivot_root, no privileges, exec. On failure,
+/// The app's process (forked inside the container): no privileges, exec. On failure,
 /// `code\tmessage` goes to `report` (closed by a successful exec).
-fn app_main(built: &Built, cmd: &[OsString], report: OwnedFd, parent: Pid, mask: &SigSet) -> ! {
+fn app_main(
+    cwd: &Path,
+    env: &Env,
+    cmd: &[OsString],
+    report: OwnedFd,
+    parent: Pid,
+    mask: &SigSet,
+) -> ! {
     let err = (|| -> Error {
         if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
             return Error::other(errno_msg("pdeathsig", e));
@@ -810,23 +823,13 @@ fn app_main(built: &Built, cmd: &[OsString], report: OwnedFd, parent: Pid, mask:
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
             return Error::other(errno_msg("sigprocmask", e));
         }
-        if let Some(root) = &built.root {
-            if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
-                return Error::other(errno_msg("unshare", e));
-            }
-            if let Err(e) = enter::pivot(root, &built.cwd) {
-                return e;
-            }
-        } else if let Err(e) = nix::unistd::chdir(&built.cwd) {
-            return Error::setup(errno_msg(
-                format!("cannot change to {}", built.cwd.display()),
-                e,
-            ));
+        if let Err(e) = nix::unistd::chdir(cwd) {
+            return Error::setup(errno_msg(format!("cannot change to {}", cwd.display()), e));
         }
         if let Err(e) = enter::drop_privileges() {
             return e;
         }
-        enter::exec(cmd, &built.env)
+        enter::exec(cmd, env)
     })();
     let msg = format!("{}\t{}", err.code(), err);
     let _ = nix::unistd::write(&report, msg.as_bytes());
