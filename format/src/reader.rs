@@ -334,6 +334,36 @@ fn range_clean(fails: &[u32], a: usize, e: usize, last_ok: impl FnOnce() -> bool
     a >= e || (fails[e - 1].wrapping_sub(fails[a]) == 0 && last_ok())
 }
 
+/// Whether `name` is a valid entry name (§8): 1 to 255 bytes, neither `.` nor `..`, no `/`
+/// and no NUL.
+fn valid_name(name: &[u8]) -> bool {
+    if name.is_empty() || name.len() > 255 || name == b"." || name == b".." {
+        return false;
+    }
+    // Eight bytes at a time: a byte is 0 or `/` when `x` or `x ^ "////////"` has a zero byte.
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(LO) & !x & HI != 0;
+    let mut words = name.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_le_bytes(<[u8; 8]>::try_from(w).unwrap_or([0; 8]));
+        if has_zero(x) || has_zero(x ^ (LO * b'/' as u64)) {
+            return false;
+        }
+    }
+    !words.remainder().iter().any(|&c| c == b'/' || c == 0)
+}
+
+/// The name of directory entry `d` if the entry is valid on its own: the name lies in `blob`
+/// and is a valid name, its inode exists in `inodes` and has the entry's kind.
+fn entry_name<'a>(d: &Dirent, inodes: &[Inode], blob: &'a [u8]) -> Option<&'a [u8]> {
+    let off = usize::try_from(d.name_offset.get()).ok()?;
+    let name = blob.get(off..off.checked_add(d.name_len.get() as usize)?)?;
+    let child = inodes.get((d.inode.get() as usize).checked_sub(1)?)?;
+    let kind_ok = FileKind::from_mode(child.mode.get()).map(|k| k as u8) == Some(d.kind);
+    (kind_ok && valid_name(name)).then_some(name)
+}
+
 /// The stored metadata is corrupt at file offset `at`.
 fn meta_region_err(what: String, at: u64) -> Error {
     Error::corrupt(what, at)
@@ -667,21 +697,7 @@ impl<R: ReadAt> Image<R> {
     /// blob and is a valid name (§8), the inode exists and has the entry's kind.
     fn entry_name(&self, j: usize) -> Option<&[u8]> {
         let d = self.dirent_table().get(j)?;
-        let name = self
-            .blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")
-            .ok()?;
-        let ok = !name.is_empty()
-            && name.len() <= 255
-            && name != b"."
-            && name != b".."
-            && !name.iter().any(|&c| c == b'/' || c == 0);
-        let child = d
-            .inode
-            .get()
-            .checked_sub(1)
-            .and_then(|c| self.inode_table().get(c as usize))?;
-        let kind_ok = FileKind::from_mode(child.mode.get()).map(|k| k as u8) == Some(d.kind);
-        (ok && kind_ok).then_some(name)
+        entry_name(d, self.inode_table(), self.blob())
     }
 
     /// The config, every block, and every inode with its chunks and xattrs (§13 steps 19-21).
@@ -864,10 +880,11 @@ impl<R: ReadAt> Image<R> {
         let records = std::sync::OnceLock::new();
         let pieces: Vec<std::sync::OnceLock<(Vec<u32>, Vec<u32>)>> =
             (0..parts).map(|_| std::sync::OnceLock::new()).collect();
+        let (inode_table, blob) = (self.inode_table(), self.blob());
         let entry_piece = |k: usize| {
             let r = part(n, parts, k);
             (
-                sorted_range_failures(r.clone(), n, |j| self.entry_name(j)),
+                sorted_range_failures(r.clone(), n, |j| entry_name(&dirents[j], inode_table, blob)),
                 range_failures(r, |j| dirents[j].kind == FileKind::Dir as u8),
             )
         };
@@ -922,12 +939,7 @@ impl<R: ReadAt> Image<R> {
                 let bad =
                     |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
                 let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
-                if name.is_empty()
-                    || name.len() > 255
-                    || name == b"."
-                    || name == b".."
-                    || name.iter().any(|&c| c == b'/' || c == 0)
-                {
+                if !valid_name(name) {
                     return Err(bad("invalid name".into()));
                 }
                 if prev.is_some_and(|p| p >= name) {
