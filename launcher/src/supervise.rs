@@ -621,6 +621,26 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
         join::register(c)?;
     }
     log.v(|| format!("entered {what}"));
+    let ignored: Vec<&str> = [
+        (!plan.binds.is_empty(), "--bind"),
+        (plan.write_fake.is_some(), "--write-fake"),
+        (plan.private_tmp, "--private-tmp"),
+        (plan.uid.is_some() || plan.gid.is_some(), "--uid/--gid"),
+        (!plan.passwd, "--no-passwd"),
+        (plan.record_hot.is_some(), "--record-hot"),
+        (plan.cache_size.is_some(), "--cache-size"),
+    ]
+    .into_iter()
+    .filter_map(|(given, opt)| given.then_some(opt))
+    .collect();
+    if !ignored.is_empty() {
+        log.warn(|| {
+            format!(
+                "{} ignored: {what} was made by another launch, with its options",
+                ignored.join(", ")
+            )
+        });
+    }
     let config = (!config.is_empty()).then(|| ImageConfig::parse(&config));
     let home = PathBuf::from("/home").join(&user_name);
     let home = (plan.home && home.is_dir()).then_some(home);

@@ -341,6 +341,10 @@ fn bad_counts_and_tags() {
     let o = run(&["--join-ct", "3", "--join-tag", &tag], &[]);
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert!(err(&o).contains("3 peers"), "{}", err(&o));
+    // A joiner's own mount options cannot apply: said on stderr.
+    let o = run(&["--join-ct", "2", "--join-tag", &tag, "-t"], &[]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains("--private-tmp ignored"), "{}", err(&o));
     assert!(first.wait_with_output().unwrap().status.success());
     // A directory image cannot be shared.
     let o = Command::new(LAUNCH)
