@@ -15,6 +15,7 @@
 //! must call [`init`] first thing in `main`.
 
 pub mod cimgbench;
+pub mod pfssim;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
