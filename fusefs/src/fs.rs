@@ -10,8 +10,10 @@
 //! missing names are answered as negative entries (node id 0) with the same TTL, OPEN and
 //! OPENDIR are answered with ENOSYS once (the kernel then opens without asking, with
 //! `FOPEN_KEEP_CACHE` / `FOPEN_CACHE_DIR`; with `zero_open` off they answer those flags
-//! explicitly), symlinks are cached (`FUSE_CACHE_SYMLINKS`), readdirplus is used when the
-//! kernel thinks it helps (`FUSE_READDIRPLUS_AUTO`), lookups in one directory run in parallel
+//! explicitly), symlinks are cached (`FUSE_CACHE_SYMLINKS`), every directory listing is a
+//! readdirplus (not `FUSE_READDIRPLUS_AUTO`, whose switch to plain readdir after the first
+//! batch of a large directory costs one LOOKUP per later entry that is then stat'ed: a cold
+//! `find -printf %s` of /usr/share took 1.4-1.6 s with it, 0.57-0.69 s without), lookups in one directory run in parallel
 //! (`FUSE_PARALLEL_DIROPS`) and `max_background` is raised so readahead is not throttled.
 //!
 //! Reads go through the shared [`BlockCache`]. A read whose blocks are all cached is answered
@@ -820,7 +822,6 @@ impl Filesystem for CimgFs {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_MAX_PAGES,
             InitFlags::FUSE_NO_OPEN_SUPPORT,
             InitFlags::FUSE_NO_OPENDIR_SUPPORT,
