@@ -25,7 +25,7 @@ pub const MIN_BLOCK_LOG: u8 = 12;
 pub const MAX_BLOCK_LOG: u8 = 20;
 /// Incompatible feature bit: the stored metadata is a sequence of zstd frames, each holding
 /// `1 << meta_frame_log` bytes of the decompressed metadata (the last one the rest), so that a
-/// reader can decompress them in parallel. Clear: one frame (version 1.0).
+/// reader can decompress them in parallel. Clear: one frame.
 pub const INCOMPAT_META_FRAMES: u64 = 1;
 /// Incompatible feature bits this reader understands.
 pub const INCOMPAT_KNOWN: u64 = INCOMPAT_META_FRAMES;

@@ -414,7 +414,7 @@ fn decompress_meta(
     threads: usize,
 ) -> std::result::Result<Vec<u8>, (String, u64)> {
     let Some(log) = frame_log else {
-        // Version 1.0: one frame, decompressed in one shot straight into the spare capacity.
+        // Without the feature: one frame, decompressed in one shot into the spare capacity.
         let mut raw: Vec<u8> = Vec::with_capacity(raw_len as usize);
         let dec = zstd::bulk::Decompressor::new().and_then(|mut d| {
             d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(

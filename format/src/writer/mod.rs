@@ -873,10 +873,10 @@ struct Meta {
     inodes: u64,
 }
 
-/// Compress the metadata: one zstd frame when it fits in `1 << frame_log` bytes (a 1.0
-/// image), else one frame per `1 << frame_log` bytes, compressed by up to `threads` threads,
-/// and the frame log to record (`INCOMPAT_META_FRAMES`). The output does not depend on the
-/// thread count.
+/// Compress the metadata: one zstd frame when it fits in `1 << frame_log` bytes (readable by
+/// readers predating frames), else one frame per `1 << frame_log` bytes, compressed by up to
+/// `threads` threads, and the frame log to record (`INCOMPAT_META_FRAMES`). The output does
+/// not depend on the thread count.
 fn compress_metadata(
     raw: &[u8],
     level: i32,
