@@ -12,13 +12,6 @@ use std::process::Command;
 
 use common::*;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn mpirun_ranks_share_one_container_and_shared_memory() {
     if !capable() {

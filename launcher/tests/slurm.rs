@@ -11,13 +11,6 @@ use std::process::Command;
 
 use common::*;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn srun_across_four_nodes_makes_one_container_per_node() {
     if !capable() {

@@ -19,6 +19,14 @@ const PROGRAMS: &[&str] = &[
     "pwd", "true", "false", "kill", "setpriv", "grep", "head", "wc", "rm", "mkdir",
 ];
 
+/// Whether `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Whether tests that need a capability must fail rather than skip.
 pub fn ci() -> bool {
     std::env::var("CI").as_deref() == Ok("true")
