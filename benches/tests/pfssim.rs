@@ -92,6 +92,9 @@ fn counts_opens_reads_bytes_and_stats() {
     assert_eq!(d.release, files.len() as u64, "{d:?}");
     assert_eq!(d.read_bytes, total, "{d:?}");
     assert!(d.read_calls >= files.len() as u64, "{d:?}");
+    // Each file's first read starts at offset 0: sequential.
+    assert!(d.read_sequential >= files.len() as u64, "{d:?}");
+    assert!(d.read_sequential <= d.read_calls, "{d:?}");
     assert!(d.lookup >= files.len() as u64, "{d:?}");
 
     // Without FOPEN_KEEP_CACHE a second read of a file reaches the simulator again.

@@ -58,11 +58,17 @@ struct Inodes {
 /// An open directory: its entries, read once at opendir.
 struct DirList(Vec<(u64, FileType, OsString)>);
 
+/// An open file and where its last read ended.
+struct OpenFile {
+    file: File,
+    last_end: AtomicU64,
+}
+
 /// One mount of the simulator over `root`.
 pub struct PfsFs {
     shared: Arc<Shared>,
     inodes: Mutex<Inodes>,
-    files: Mutex<HashMap<u64, Arc<File>>>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<DirList>>>,
     next_fh: AtomicU64,
     root: PathBuf,
@@ -255,10 +261,13 @@ impl Filesystem for PfsFs {
             self.path(ino).and_then(|p| {
                 let f = File::open(&p).map_err(|e| errno(&e))?;
                 let fh = self.fh();
-                self.files
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(fh, Arc::new(f));
+                self.files.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    fh,
+                    Arc::new(OpenFile {
+                        file: f,
+                        last_end: AtomicU64::new(0),
+                    }),
+                );
                 Ok(fh)
             })
         };
@@ -290,7 +299,8 @@ impl Filesystem for PfsFs {
             .cloned();
         let r = match file {
             None => Err(Errno::EBADF),
-            Some(f) => {
+            Some(of) => {
+                let f = &of.file;
                 let mut buf = vec![0u8; size as usize];
                 let mut got = 0usize;
                 loop {
@@ -308,6 +318,10 @@ impl Filesystem for PfsFs {
                 }
                 .map(|mut b| {
                     b.truncate(got);
+                    let end = offset + got as u64;
+                    if of.last_end.swap(end, Ordering::Relaxed) == offset {
+                        stats.count_sequential();
+                    }
                     b
                 })
             }

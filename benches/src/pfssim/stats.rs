@@ -31,6 +31,7 @@ const KINDS: usize = 13;
 pub struct Stats {
     ops: [AtomicU64; KINDS],
     read_bytes: AtomicU64,
+    read_sequential: AtomicU64,
 }
 
 impl Stats {
@@ -42,6 +43,11 @@ impl Stats {
     /// Count `n` bytes returned by a read.
     pub fn add_bytes(&self, n: u64) {
         self.read_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count a read that started where the previous read of the same open file ended.
+    pub fn count_sequential(&self) {
+        self.read_sequential.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A consistent-enough copy (each counter is read atomically).
@@ -62,6 +68,7 @@ impl Stats {
             access: g(Op::Access),
             read_calls: g(Op::Read),
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            read_sequential: self.read_sequential.load(Ordering::Relaxed),
         }
     }
 }
@@ -86,6 +93,10 @@ pub struct Counters {
     pub read_calls: u64,
     /// Bytes returned by reads.
     pub read_bytes: u64,
+    /// Reads that started where the previous read of the same open file ended (the first
+    /// read of an open file counts if it starts at offset 0).
+    #[serde(default)]
+    pub read_sequential: u64,
 }
 
 impl Counters {
@@ -123,6 +134,7 @@ impl Counters {
             access: d(self.access, earlier.access),
             read_calls: d(self.read_calls, earlier.read_calls),
             read_bytes: d(self.read_bytes, earlier.read_bytes),
+            read_sequential: d(self.read_sequential, earlier.read_sequential),
         }
     }
 }

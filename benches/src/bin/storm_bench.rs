@@ -1,0 +1,1029 @@
+//! storm-bench: the metadata storm of N nodes starting the same Python application at once from
+//! a parallel filesystem, simulated by `pfs-sim` (`cimg_benches::pfssim`), for four images of
+//! one root filesystem: the directory itself, a `.sqfs` (started with `ch-run`), a `.cimg` and a
+//! `.cimg` packed with the start-up's hot list (both started with `launch --no-join`).
+//!
+//! Every simulated node has its own mount of the simulator (its own kernel caches); all mounts
+//! share the simulator's counters and metadata-server rate limit. For each image and each N it
+//! starts N containers at once, one per node mount, and reports the metadata operations, read
+//! requests and bytes that reached the simulator per node, and the time until all N finished.
+//! A second pass with a small metadata-server rate checks the model
+//! `time ≈ max(time without the limit, N × ops per node / rate)`, which then extrapolates to
+//! 1,000 and 10,000 nodes (with a bandwidth term for the bytes). See README.md.
+
+use anyhow::{Context, Result, bail};
+use cimg_benches::pfssim::{Counters, read_stats_file};
+use cimg_benches::{command_line, find_program, human_bytes};
+use clap::Parser;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "storm-bench",
+    about = "N nodes start Python at once from a simulated parallel filesystem: directory vs sqfs vs cimg"
+)]
+struct Args {
+    /// Root filesystem with python3 (copied into the simulator's backing directory).
+    #[arg(long, default_value = "/var/tmp/launch-bench/rootfs")]
+    rootfs: PathBuf,
+    /// Work directory: backing directory `pfs/` (rootfs copy and images, kept between runs),
+    /// mount points `mnt/`, the stats file.
+    #[arg(long, default_value = "/var/tmp/storm-bench")]
+    work_dir: PathBuf,
+    /// Node counts, comma separated.
+    #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
+    nodes: Vec<usize>,
+    /// Images to start, comma separated: dir, sqfs, cimg, cimg-hot.
+    #[arg(long, default_value = "dir,sqfs,cimg,cimg-hot", value_delimiter = ',')]
+    contenders: Vec<String>,
+    /// The Python statement every node runs (`python3 -c STMT`).
+    #[arg(
+        long,
+        default_value = "import json, email, http.client, asyncio, decimal, unittest, xml.etree.ElementTree"
+    )]
+    python: String,
+    /// Latency the simulator adds to each metadata operation (µs).
+    #[arg(long, default_value_t = 0)]
+    meta_latency_us: u64,
+    /// Latency the simulator adds to each read (µs).
+    #[arg(long, default_value_t = 0)]
+    read_latency_us: u64,
+    /// Kernel read-ahead of each node mount (KiB), like a PFS client's 1 MiB RPCs.
+    #[arg(long, default_value_t = 1024)]
+    read_ahead_kb: u32,
+    /// Kernel entry and attribute TTL of the node mounts (ms; 0 = every lookup and stat
+    /// reaches the simulator).
+    #[arg(long, default_value_t = 0)]
+    ttl_ms: u64,
+    /// Metadata-server rate (ops/s) of the model-check pass, small enough to bind at small N
+    /// (0 skips the pass).
+    #[arg(long, default_value_t = 20000.0)]
+    check_mds_rate: f64,
+    /// Burst of the model-check pass's rate limit (tokens).
+    #[arg(long, default_value_t = 100)]
+    check_mds_burst: u32,
+    /// Metadata-server rate of the extrapolation (ops/s).
+    #[arg(long, default_value_t = 50000.0)]
+    model_mds_rate: f64,
+    /// Aggregate read bandwidth of the extrapolation (bytes/s, e.g. 100G).
+    #[arg(long, default_value = "100G")]
+    model_bandwidth: String,
+    /// Node counts to extrapolate to.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    extrapolate: Vec<u64>,
+    /// Runs of every wave (the order of the images rotates between runs); the report shows
+    /// the run with the median time.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Repack the images (and copy the rootfs again).
+    #[arg(long)]
+    repack: bool,
+    /// Write the report to PREFIX.txt, PREFIX.json and PREFIX.svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// launch binary (default: next to this one).
+    #[arg(long)]
+    launch: Option<PathBuf>,
+    /// cimg binary (default: next to this one).
+    #[arg(long)]
+    cimg: Option<PathBuf>,
+    /// pfs-sim binary (default: next to this one).
+    #[arg(long)]
+    pfs_sim: Option<PathBuf>,
+    /// ch-run binary.
+    #[arg(long, default_value = "ch-run")]
+    ch_run: PathBuf,
+    /// mksquashfs binary.
+    #[arg(long, default_value = "mksquashfs")]
+    mksquashfs: PathBuf,
+}
+
+fn sibling(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
+    let p = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    if !p.is_file() {
+        bail!(
+            "{name} not found at {} (cargo build --release, or pass --{name} PATH)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let line = command_line(cmd);
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {line}"))?;
+    if !o.status.success() {
+        bail!(
+            "`{line}` failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Mount points under `dir` (from /proc/self/mounts), deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Lazily unmount whatever is still mounted under `dir`.
+fn unmount_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+}
+
+/// A running `pfs-sim` child serving the backing directory at `nodes` mounts.
+struct Sim {
+    child: Child,
+    stats: PathBuf,
+    mnt: PathBuf,
+    command: String,
+}
+
+impl Sim {
+    fn start(pfs_sim: &Path, work: &Path, nodes: usize, extra: &[String]) -> Result<Sim> {
+        let mnt = work.join("mnt");
+        unmount_under(&mnt);
+        let stats = work.join("stats.json");
+        let _ = std::fs::remove_file(&stats);
+        let mut c = Command::new(pfs_sim);
+        c.arg(work.join("pfs"))
+            .arg("--mount-base")
+            .arg(&mnt)
+            .arg("--nodes")
+            .arg(nodes.to_string())
+            .arg("--stats")
+            .arg(&stats)
+            .arg("--stats-interval-ms")
+            .arg("0")
+            .args(extra)
+            .stdin(Stdio::null());
+        let command = command_line(&c);
+        let child = c.spawn().with_context(|| format!("run {command}"))?;
+        let mut sim = Sim {
+            child,
+            stats,
+            mnt,
+            command,
+        };
+        let t = Instant::now();
+        while read_stats_file(&sim.stats).is_err() {
+            if let Some(s) = sim.child.try_wait()? {
+                bail!("`{}` exited ({s}) before mounting", sim.command);
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("`{}`: no stats file after 30 s", sim.command);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(sim)
+    }
+
+    /// The counters now: SIGUSR1, then wait for a stats file with a higher sequence number.
+    fn counters(&mut self) -> Result<Counters> {
+        let before = read_stats_file(&self.stats)
+            .with_context(|| format!("read {}", self.stats.display()))?
+            .seq;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGUSR1).context("signal pfs-sim")?;
+        let t = Instant::now();
+        loop {
+            if let Ok(f) = read_stats_file(&self.stats)
+                && f.seq > before
+            {
+                return Ok(f.counters);
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("{}: not rewritten after SIGUSR1", self.stats.display());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn node(&self, i: usize) -> PathBuf {
+        self.mnt.join(format!("node{i}"))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        unmount_under(&self.mnt);
+    }
+}
+
+/// How a contender starts a container from a node mount.
+#[derive(Debug, Clone, Serialize)]
+struct Contender {
+    name: String,
+    /// Program and arguments before the image.
+    program: Vec<String>,
+    /// The image, relative to the node mount.
+    image: String,
+}
+
+impl Contender {
+    fn command(&self, node: &Path, cmd: &[String], user: &OsString) -> Command {
+        let mut c = Command::new(&self.program[0]);
+        c.args(&self.program[1..])
+            .arg(node.join(&self.image))
+            .arg("--")
+            .args(cmd)
+            .env("USER", user)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+/// One wave: N containers started at once.
+#[derive(Debug, Clone, Serialize)]
+struct Wave {
+    contender: String,
+    workload: String,
+    nodes: usize,
+    /// `None`: no metadata rate limit.
+    mds_rate: Option<f64>,
+    /// Seconds from the first spawn until the last container exited.
+    wall_secs: f64,
+    /// The fastest and slowest container (s).
+    min_secs: f64,
+    max_secs: f64,
+    /// Everything that reached the simulator during the wave (all nodes).
+    total: Counters,
+}
+
+impl Wave {
+    fn per_node(&self, x: u64) -> f64 {
+        x as f64 / self.nodes as f64
+    }
+    fn meta(&self) -> f64 {
+        self.per_node(self.total.metadata_ops())
+    }
+    fn reads(&self) -> f64 {
+        self.per_node(self.total.read_calls)
+    }
+    fn bytes(&self) -> f64 {
+        self.per_node(self.total.read_bytes)
+    }
+}
+
+/// Start `n` containers of `k` at once (node i on mount i) and wait for all.
+fn wave(
+    sim: &mut Sim,
+    k: &Contender,
+    n: usize,
+    cmd: &[String],
+    workload: &str,
+    mds_rate: Option<f64>,
+    user: &OsString,
+) -> Result<Wave> {
+    let before = sim.counters()?;
+    let t0 = Instant::now();
+    let mut kids = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = k.command(&sim.node(i), cmd, user);
+        let line = command_line(&c);
+        let child = c.spawn().with_context(|| format!("run {line}"))?;
+        kids.push((child, line, None::<f64>));
+    }
+    let mut left = n;
+    while left > 0 {
+        for (child, line, done) in kids.iter_mut().filter(|k| k.2.is_none()) {
+            if let Some(st) = child.try_wait()? {
+                *done = Some(t0.elapsed().as_secs_f64());
+                left -= 1;
+                if !st.success() {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                    }
+                    bail!("`{line}` failed ({st}): {}", err.trim());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    // Closes of the images arrive asynchronously after the containers exit.
+    std::thread::sleep(Duration::from_millis(300));
+    let total = sim.counters()?.since(&before);
+    let times: Vec<f64> = kids.iter().filter_map(|k| k.2).collect();
+    Ok(Wave {
+        contender: k.name.clone(),
+        workload: workload.into(),
+        nodes: n,
+        mds_rate,
+        wall_secs: wall,
+        min_secs: times.iter().copied().fold(f64::INFINITY, f64::min),
+        max_secs: times.iter().copied().fold(0.0, f64::max),
+        total,
+    })
+}
+
+/// Copies the rootfs and packs the images into `work/pfs` unless a stamp says they are
+/// current; returns the commands used and the bytes the start-up used (the hot list's files).
+fn prepare(
+    args: &Args,
+    launch: &Path,
+    cimg: &Path,
+    mksquashfs: &Path,
+    py: &[String],
+) -> Result<(Vec<String>, u64, usize)> {
+    let pfs = args.work_dir.join("pfs");
+    std::fs::create_dir_all(&pfs).with_context(|| format!("create {}", pfs.display()))?;
+    let rootfs = pfs.join("rootfs");
+    let hot = args.work_dir.join("python.hot");
+    let mut cp = Command::new("cp");
+    cp.arg("-a").arg(&args.rootfs).arg(&rootfs);
+    let mut pack = Command::new(cimg);
+    pack.arg("pack")
+        .arg(&rootfs)
+        .arg(pfs.join("img.cimg"))
+        .arg("-q");
+    let mut sq = Command::new(mksquashfs);
+    sq.arg(&rootfs).arg(pfs.join("img.sqfs")).args([
+        "-comp",
+        "zstd",
+        "-noappend",
+        "-quiet",
+        "-no-progress",
+    ]);
+    let mut rec = Command::new(launch);
+    rec.arg("--no-join")
+        .arg("--record-hot")
+        .arg(&hot)
+        .arg(pfs.join("img.cimg"))
+        .arg("--")
+        .args(py);
+    let mut pack_hot = Command::new(cimg);
+    pack_hot
+        .arg("pack")
+        .arg(&rootfs)
+        .arg(pfs.join("img-hot.cimg"))
+        .arg("-q")
+        .arg("--hot")
+        .arg(&hot);
+    let commands: Vec<String> = [&cp, &pack, &sq, &rec, &pack_hot]
+        .iter()
+        .map(|c| command_line(c))
+        .collect();
+    let stamp = args.work_dir.join("stamp");
+    let want = commands.join("\n");
+    let current = std::fs::read_to_string(&stamp).is_ok_and(|s| s == want);
+    if args.repack || !current {
+        let _ = std::fs::remove_file(&stamp);
+        if rootfs.exists() {
+            std::fs::remove_dir_all(&rootfs)
+                .with_context(|| format!("remove {}", rootfs.display()))?;
+        }
+        eprintln!("storm-bench: copying {}", args.rootfs.display());
+        run_quiet(&mut cp)?;
+        eprintln!("storm-bench: packing img.cimg, img.sqfs");
+        run_quiet(&mut pack)?;
+        run_quiet(&mut sq)?;
+        eprintln!("storm-bench: recording the hot list, packing img-hot.cimg");
+        let _ = std::fs::remove_file(&hot);
+        run_quiet(&mut rec)?;
+        let t = Instant::now();
+        while !hot.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run_quiet(&mut pack_hot)?;
+        std::fs::write(&stamp, &want).with_context(|| format!("write {}", stamp.display()))?;
+    }
+    // "Used": the total size of the distinct regular files the start-up read.
+    let list = std::fs::read_to_string(&hot).with_context(|| format!("read {}", hot.display()))?;
+    let mut seen = std::collections::HashSet::new();
+    let (mut used, mut files) = (0u64, 0usize);
+    for l in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let p = rootfs.join(l.trim_start_matches('/'));
+        if let Ok(m) = std::fs::symlink_metadata(&p)
+            && m.is_file()
+            && seen.insert(p)
+        {
+            used += m.len();
+            files += 1;
+        }
+    }
+    Ok((commands, used, files))
+}
+
+/// The 1-, 5- and 15-minute load averages (other work on a shared machine shows there).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// For each (image, workload, N, rate): the run with the median time.
+fn medians(all: &[Wave]) -> Vec<Wave> {
+    let mut out: Vec<Wave> = Vec::new();
+    for w in all {
+        let same = |x: &Wave| {
+            x.contender == w.contender
+                && x.workload == w.workload
+                && x.nodes == w.nodes
+                && x.mds_rate == w.mds_rate
+        };
+        if out.iter().any(same) {
+            continue;
+        }
+        let mut runs: Vec<&Wave> = all.iter().filter(|x| same(x)).collect();
+        runs.sort_by(|a, b| a.wall_secs.total_cmp(&b.wall_secs));
+        out.push(runs[(runs.len() - 1) / 2].clone());
+    }
+    out
+}
+
+/// Model time for `n` nodes: max(per-node time, metadata ops / rate, bytes / bandwidth).
+fn model(t_node: f64, meta_per_node: f64, bytes_per_node: f64, n: f64, rate: f64, bw: f64) -> f64 {
+    t_node
+        .max(n * meta_per_node / rate)
+        .max(n * bytes_per_node / bw)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("storm-bench mounts the simulator and needs root");
+    }
+    let launch = sibling("launch", args.launch.as_deref())?;
+    let cimg = sibling("cimg", args.cimg.as_deref())?;
+    let pfs_sim = sibling("pfs-sim", args.pfs_sim.as_deref())?;
+    let ch_run = find_program(&args.ch_run).with_context(|| {
+        format!(
+            "{} not found (apt-get install charliecloud)",
+            args.ch_run.display()
+        )
+    })?;
+    let mksquashfs = find_program(&args.mksquashfs).with_context(|| {
+        format!(
+            "{} not found (apt-get install squashfs-tools)",
+            args.mksquashfs.display()
+        )
+    })?;
+    if !args.rootfs.join("usr/bin/python3").exists() {
+        bail!(
+            "{} has no usr/bin/python3: make one with `debootstrap --variant=minbase --include=python3 bookworm {}`",
+            args.rootfs.display(),
+            args.rootfs.display()
+        );
+    }
+    let bw = cimg_benches::parse_size(&args.model_bandwidth)
+        .map_err(|e| anyhow::anyhow!("bad --model-bandwidth {}: {e}", args.model_bandwidth))?
+        as f64;
+    let user: OsString = std::env::var_os("USER").unwrap_or_else(|| "root".into());
+    let py = vec!["python3".to_string(), "-c".into(), args.python.clone()];
+    let light = vec!["/bin/true".to_string()];
+    let (mut commands, used, used_files) = prepare(&args, &launch, &cimg, &mksquashfs, &py)?;
+
+    let s = |p: &Path| p.display().to_string();
+    let all = [
+        Contender {
+            name: "dir".into(),
+            program: vec![s(&launch)],
+            image: "rootfs".into(),
+        },
+        Contender {
+            name: "sqfs".into(),
+            program: vec![s(&ch_run)],
+            image: "img.sqfs".into(),
+        },
+        Contender {
+            name: "cimg".into(),
+            program: vec![s(&launch), "--no-join".into()],
+            image: "img.cimg".into(),
+        },
+        Contender {
+            name: "cimg-hot".into(),
+            program: vec![s(&launch), "--no-join".into()],
+            image: "img-hot.cimg".into(),
+        },
+    ];
+    let contenders: Vec<Contender> = args
+        .contenders
+        .iter()
+        .map(|n| {
+            all.iter()
+                .find(|k| &k.name == n)
+                .cloned()
+                .with_context(|| format!("unknown contender {n} (dir, sqfs, cimg, cimg-hot)"))
+        })
+        .collect::<Result<_>>()?;
+    let max_n = args.nodes.iter().copied().max().unwrap_or(1).max(1);
+    let ttl = args.ttl_ms.to_string();
+    let base_args: Vec<String> = vec![
+        "--meta-latency-us".into(),
+        args.meta_latency_us.to_string(),
+        "--read-latency-us".into(),
+        args.read_latency_us.to_string(),
+        "--read-ahead-kb".into(),
+        args.read_ahead_kb.to_string(),
+        "--entry-ttl-ms".into(),
+        ttl.clone(),
+        "--attr-ttl-ms".into(),
+        ttl,
+    ];
+
+    // Pass 1: no rate limit: what reaches the metadata server, and the time without queueing.
+    let load_before = loadavg();
+    let mut waves: Vec<Wave> = Vec::new();
+    let mut all_waves: Vec<Wave> = Vec::new();
+    {
+        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, &base_args)?;
+        commands.push(sim.command.clone());
+        for k in &contenders {
+            commands.push(format!(
+                "{} MNT/nodeI/{} -- python3 -c '{}'",
+                k.program.join(" "),
+                k.image,
+                args.python
+            ));
+            // Warm the backing files in the page cache (untimed, not reported).
+            wave(&mut sim, k, 1, &py, "warm-up", None, &user)?;
+            let w = wave(&mut sim, k, 1, &light, "/bin/true", None, &user)?;
+            eprintln!(
+                "storm-bench: {:<8} /bin/true N=1: {:.0} metadata ops",
+                k.name,
+                w.meta()
+            );
+            waves.push(w);
+        }
+        for r in 0..args.runs.max(1) {
+            for j in 0..contenders.len() {
+                let k = &contenders[(r + j) % contenders.len()];
+                for &n in &args.nodes {
+                    let w = wave(&mut sim, k, n, &py, "python", None, &user)?;
+                    eprintln!(
+                        "storm-bench: run {r}: {:<8} python N={n}: {:.2} s, {:.1} metadata ops/node, {:.1} reads/node",
+                        k.name,
+                        w.wall_secs,
+                        w.meta(),
+                        w.reads()
+                    );
+                    all_waves.push(w);
+                }
+            }
+        }
+    }
+    // Pass 2: a small metadata-server rate that binds at small N, to check the model.
+    let rate = (args.check_mds_rate > 0.0).then_some(args.check_mds_rate);
+    if let Some(rate) = rate {
+        let mut a = base_args.clone();
+        a.extend([
+            "--mds-rate".into(),
+            rate.to_string(),
+            "--mds-burst".into(),
+            args.check_mds_burst.to_string(),
+        ]);
+        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, &a)?;
+        commands.push(sim.command.clone());
+        for r in 0..args.runs.max(1) {
+            for j in 0..contenders.len() {
+                let k = &contenders[(r + j) % contenders.len()];
+                for &n in &args.nodes {
+                    let w = wave(&mut sim, k, n, &py, "python", Some(rate), &user)?;
+                    eprintln!(
+                        "storm-bench: run {r}: {:<8} python N={n} at {rate} ops/s: {:.2} s",
+                        k.name, w.wall_secs
+                    );
+                    all_waves.push(w);
+                }
+            }
+        }
+    }
+    waves.extend(medians(&all_waves));
+    let load_after = loadavg();
+
+    let mut report = report(&args, &contenders, &waves, used, used_files, bw, &commands);
+    let _ = writeln!(
+        report,
+        "load average (1, 5, 15 min) before: {load_before}; after: {load_after}"
+    );
+    print!("{report}");
+    if let Some(prefix) = &args.out {
+        let with = |ext: &str| {
+            let mut p = prefix.clone().into_os_string();
+            p.push(ext);
+            PathBuf::from(p)
+        };
+        let cmdline: Vec<String> = std::env::args().collect();
+        let text = format!("$ {}\n\n{report}", cmdline.join(" "));
+        std::fs::write(with(".txt"), text)
+            .with_context(|| format!("write {}", with(".txt").display()))?;
+        let j = serde_json::json!({
+            "command": cmdline,
+            "rootfs": args.rootfs,
+            "python": args.python,
+            "used_bytes": used,
+            "used_files": used_files,
+            "model_mds_rate": args.model_mds_rate,
+            "model_bandwidth": bw,
+            "check_mds_rate": rate,
+            "contenders": contenders,
+            "waves": waves,
+            "all_runs": all_waves,
+            "commands": commands,
+        });
+        std::fs::write(with(".json"), serde_json::to_vec_pretty(&j)?)
+            .with_context(|| format!("write {}", with(".json").display()))?;
+        plot::write_svg(&waves, &contenders, &args.nodes, &with(".svg"))?;
+    }
+    Ok(())
+}
+
+fn report(
+    args: &Args,
+    contenders: &[Contender],
+    waves: &[Wave],
+    used: u64,
+    used_files: usize,
+    bw: f64,
+    commands: &[String],
+) -> String {
+    let mut o = String::new();
+    let tree = cimg_benches::read_tree(&args.rootfs, false);
+    let _ = writeln!(
+        o,
+        "storm-bench: rootfs {} ({} files, {}); every node runs python3 -c '{}'",
+        args.rootfs.display(),
+        tree.files,
+        human_bytes(tree.bytes),
+        args.python
+    );
+    let _ = writeln!(
+        o,
+        "simulator: entry/attr TTL {} ms, no keep-cache, read-ahead {} KiB, metadata latency {} µs, read latency {} µs; {} cores here",
+        args.ttl_ms,
+        args.read_ahead_kb,
+        args.meta_latency_us,
+        args.read_latency_us,
+        cimg_benches::cores()
+    );
+    let _ = writeln!(
+        o,
+        "start-up used {} distinct files, {} (the hot list's files)",
+        used_files,
+        human_bytes(used)
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Per node (averages over the N nodes of a wave); time = until all N containers finished (the run with the median time of {}); no metadata rate limit",
+        args.runs.max(1)
+    );
+    let _ = writeln!(
+        o,
+        "{:<9} {:>5} {:>8} {:>10} {:>8} {:>8} {:>7} {:>7} {:>9} {:>7} {:>10} {:>6}",
+        "image",
+        "N",
+        "time s",
+        "meta ops",
+        "lookup",
+        "getattr",
+        "open",
+        "reads",
+        "MB read",
+        "KiB/rd",
+        "seq reads",
+        "MB/used"
+    );
+    let free = |k: &str, w: &str| -> Vec<&Wave> {
+        waves
+            .iter()
+            .filter(|x| x.contender == k && x.workload == w && x.mds_rate.is_none())
+            .collect()
+    };
+    for k in contenders {
+        for w in free(&k.name, "python") {
+            let t = &w.total;
+            let _ = writeln!(
+                o,
+                "{:<9} {:>5} {:>8.2} {:>10.1} {:>8.1} {:>8.1} {:>7.1} {:>7.1} {:>9.2} {:>7.0} {:>9.0}% {:>6.2}",
+                k.name,
+                w.nodes,
+                w.wall_secs,
+                w.meta(),
+                w.per_node(t.lookup),
+                w.per_node(t.getattr),
+                w.per_node(t.open),
+                w.reads(),
+                w.bytes() / 1e6,
+                if t.read_calls > 0 {
+                    t.read_bytes as f64 / t.read_calls as f64 / 1024.0
+                } else {
+                    0.0
+                },
+                if t.read_calls > 0 {
+                    100.0 * t.read_sequential as f64 / t.read_calls as f64
+                } else {
+                    0.0
+                },
+                w.bytes() / used.max(1) as f64
+            );
+        }
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Independence of the files touched: metadata ops per node, N=1, /bin/true vs python"
+    );
+    for k in contenders {
+        let t = free(&k.name, "/bin/true");
+        let p = free(&k.name, "python");
+        if let (Some(t), Some(p)) = (t.first(), p.first()) {
+            let _ = writeln!(
+                o,
+                "  {:<9} /bin/true {:>8.0}   python {:>8.0}",
+                k.name,
+                t.meta(),
+                p.meta()
+            );
+        }
+    }
+
+    // Model check.
+    let limited: Vec<&Wave> = waves.iter().filter(|w| w.mds_rate.is_some()).collect();
+    if let Some(rate) = limited.first().and_then(|w| w.mds_rate) {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "Model check at a metadata server of {rate} ops/s (burst {}): predicted = max(time without limit at N, N x ops/node / rate); upper = their sum",
+            args.check_mds_burst
+        );
+        let _ = writeln!(
+            o,
+            "{:<9} {:>5} {:>10} {:>12} {:>10} {:>16}",
+            "image", "N", "measured s", "predicted s", "upper s", "measured/pred."
+        );
+        for w in &limited {
+            let Some(f) = waves.iter().find(|x| {
+                x.contender == w.contender
+                    && x.nodes == w.nodes
+                    && x.workload == "python"
+                    && x.mds_rate.is_none()
+            }) else {
+                continue;
+            };
+            let q = w.nodes as f64 * w.meta() / rate;
+            let pred = f.wall_secs.max(q);
+            let _ = writeln!(
+                o,
+                "{:<9} {:>5} {:>10.2} {:>12.2} {:>10.2} {:>16.2}",
+                w.contender,
+                w.nodes,
+                w.wall_secs,
+                pred,
+                f.wall_secs + q,
+                w.wall_secs / pred
+            );
+        }
+    }
+
+    // Extrapolation.
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Extrapolation: time = max(one node's time (N=1), N x ops/node / {} ops/s, N x bytes/node / {}/s); ops and bytes per node from the largest measured N",
+        args.model_mds_rate,
+        human_bytes(bw as u64)
+    );
+    let _ = write!(o, "{:<9} {:>10} {:>9}", "image", "ops/node", "MB/node");
+    for n in &args.extrapolate {
+        let _ = write!(o, " {:>14} {:>10}", format!("MDS ops N={n}"), "time s");
+    }
+    let _ = writeln!(o);
+    for k in contenders {
+        let f = free(&k.name, "python");
+        let (Some(one), Some(big)) = (
+            f.iter().find(|w| w.nodes == 1).or(f.first()),
+            f.iter().max_by_key(|w| w.nodes),
+        ) else {
+            continue;
+        };
+        let _ = write!(
+            o,
+            "{:<9} {:>10.1} {:>9.2}",
+            k.name,
+            big.meta(),
+            big.bytes() / 1e6
+        );
+        for &n in &args.extrapolate {
+            let t = model(
+                one.wall_secs,
+                big.meta(),
+                big.bytes(),
+                n as f64,
+                args.model_mds_rate,
+                bw,
+            );
+            let _ = write!(o, " {:>14.0} {:>10.2}", n as f64 * big.meta(), t);
+        }
+        let _ = writeln!(o);
+    }
+
+    // Goals.
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Goals");
+    let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    let c = free("cimg", "python");
+    if !c.is_empty() {
+        let worst = c.iter().map(|w| w.meta()).fold(0.0, f64::max);
+        let _ = writeln!(
+            o,
+            "  cimg: metadata ops per node per launch <= 5 at every N: max {worst:.1}  {}{}",
+            verdict(worst <= 5.0),
+            if worst > 5.0 {
+                format!(" (off by {:.0}%)", (worst / 5.0 - 1.0) * 100.0)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for name in ["cimg-hot", "cimg"] {
+        let h = free(name, "python");
+        if h.is_empty() {
+            continue;
+        }
+        let reads = h.iter().map(|w| w.reads()).fold(0.0, f64::max);
+        let bytes = h.iter().map(|w| w.bytes()).fold(0.0, f64::max);
+        let ratio = bytes / used.max(1) as f64;
+        let _ = writeln!(
+            o,
+            "  {name}: read calls per node <= 50: max {reads:.1}  {}{}",
+            verdict(reads <= 50.0),
+            if reads > 50.0 {
+                format!(" (off by {:.0}%)", (reads / 50.0 - 1.0) * 100.0)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            o,
+            "  {name}: bytes per node <= 1.5x used ({}): max {} = {ratio:.2}x  {}{}",
+            human_bytes(used),
+            human_bytes(bytes as u64),
+            verdict(ratio <= 1.5),
+            if ratio > 1.5 {
+                format!(" (off by {:.0}%)", (ratio / 1.5 - 1.0) * 100.0)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "commands:");
+    for c in commands {
+        let _ = writeln!(o, "  {c}");
+    }
+    o
+}
+
+mod plot {
+    //! The SVG of storm-bench: metadata operations per node and time until all finished,
+    //! against the number of nodes, one line per image.
+
+    use super::{Contender, Wave};
+    use anyhow::{Result, anyhow};
+    use plotters::prelude::*;
+    use std::path::Path;
+
+    const COLORS: [RGBColor; 4] = [
+        RGBColor(214, 39, 40),
+        RGBColor(255, 127, 14),
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+    ];
+
+    fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+        anyhow!("{e}")
+    }
+
+    pub fn write_svg(
+        waves: &[Wave],
+        contenders: &[Contender],
+        nodes: &[usize],
+        path: &Path,
+    ) -> Result<()> {
+        let root = SVGBackend::new(path, (1200, 460)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root
+            .titled(
+                "storm-bench: N nodes start python3 at once from a simulated PFS",
+                ("sans-serif", 20),
+            )
+            .map_err(err)?;
+        let panels = root.split_evenly((1, 2));
+        let xmax = nodes.iter().copied().max().unwrap_or(1).max(2) as f64;
+        type Get = fn(&Wave) -> f64;
+        let metrics: [(&str, Get); 2] = [
+            ("metadata ops per node (log)", |w: &Wave| w.meta()),
+            ("time until all N finished, s (log)", |w: &Wave| w.wall_secs),
+        ];
+        for (panel, (title, get)) in panels.iter().zip(metrics) {
+            let pts = |k: &Contender, limited: bool| -> Vec<(f64, f64)> {
+                let mut v: Vec<(f64, f64)> = waves
+                    .iter()
+                    .filter(|w| {
+                        w.contender == k.name
+                            && w.workload == "python"
+                            && w.mds_rate.is_some() == limited
+                    })
+                    .map(|w| (w.nodes as f64, get(w).max(1e-3)))
+                    .collect();
+                v.sort_by(|a, b| a.0.total_cmp(&b.0));
+                v
+            };
+            let ys: Vec<f64> = contenders
+                .iter()
+                .flat_map(|k| pts(k, false).into_iter().chain(pts(k, true)))
+                .map(|p| p.1)
+                .collect();
+            let ymax = ys.iter().copied().fold(1.0, f64::max) * 2.0;
+            let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) / 2.0;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 16))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d((1.0..xmax * 1.2).log_scale(), (ymin..ymax).log_scale())
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("nodes N")
+                .draw()
+                .map_err(err)?;
+            for (i, k) in contenders.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                for limited in [false, true] {
+                    let p = pts(k, limited);
+                    if p.is_empty() || (limited && title.starts_with("metadata")) {
+                        continue;
+                    }
+                    let style = if limited {
+                        color.mix(0.5).stroke_width(1)
+                    } else {
+                        color.stroke_width(2)
+                    };
+                    let label = if limited {
+                        format!("{} (rate-limited MDS)", k.name)
+                    } else {
+                        k.name.clone()
+                    };
+                    chart
+                        .draw_series(LineSeries::new(p.clone(), style))
+                        .map_err(err)?
+                        .label(label)
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                    chart
+                        .draw_series(p.into_iter().map(|q| Circle::new(q, 3, color.filled())))
+                        .map_err(err)?;
+                }
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+        Ok(())
+    }
+}
