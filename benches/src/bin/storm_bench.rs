@@ -88,6 +88,9 @@ struct Args {
     /// Write the report to PREFIX.txt, PREFIX.json and PREFIX.svg.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run nothing: redraw PREFIX.svg from the PREFIX.json of an earlier run (with --out PREFIX).
+    #[arg(long, requires = "out")]
+    replot: bool,
     /// launch binary (default: next to this one).
     #[arg(long)]
     launch: Option<PathBuf>,
@@ -157,6 +160,8 @@ fn unmount_under(dir: &Path) {
 
 /// A running `pfs-sim` child serving the backing directory at `nodes` mounts.
 struct Sim {
+    /// Wait before each wave: longer than the mounts' cache TTL.
+    settle: Duration,
     child: Child,
     stats: PathBuf,
     mnt: PathBuf,
@@ -164,7 +169,13 @@ struct Sim {
 }
 
 impl Sim {
-    fn start(pfs_sim: &Path, work: &Path, nodes: usize, extra: &[String]) -> Result<Sim> {
+    fn start(
+        pfs_sim: &Path,
+        work: &Path,
+        nodes: usize,
+        ttl: Duration,
+        extra: &[String],
+    ) -> Result<Sim> {
         let mnt = work.join("mnt");
         unmount_under(&mnt);
         let stats = work.join("stats.json");
@@ -184,6 +195,7 @@ impl Sim {
         let command = command_line(&c);
         let child = c.spawn().with_context(|| format!("run {command}"))?;
         let mut sim = Sim {
+            settle: ttl + Duration::from_millis(100),
             child,
             stats,
             mnt,
@@ -246,7 +258,7 @@ impl Drop for Sim {
 }
 
 /// How a contender starts a container from a node mount.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Contender {
     name: String,
     /// Program and arguments before the image.
@@ -271,7 +283,7 @@ impl Contender {
 }
 
 /// One wave: N containers started at once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Wave {
     contender: String,
     workload: String,
@@ -312,6 +324,8 @@ fn wave(
     mds_rate: Option<f64>,
     user: &OsString,
 ) -> Result<Wave> {
+    // Let the kernel caches of earlier waves on these mounts expire.
+    std::thread::sleep(sim.settle);
     let before = sim.counters()?;
     let t0 = Instant::now();
     let mut kids = Vec::with_capacity(n);
@@ -443,6 +457,69 @@ fn prepare(
     Ok((commands, used, files))
 }
 
+/// Draw the SVG of `waves`, with the model's curve.
+fn write_plot(
+    args: &Args,
+    bw: f64,
+    waves: &[Wave],
+    contenders: &[Contender],
+    path: &Path,
+) -> Result<()> {
+    let model_of = |k: &Contender, n: f64| -> Option<f64> {
+        let f: Vec<&Wave> = waves
+            .iter()
+            .filter(|w| w.contender == k.name && w.workload == "python" && w.mds_rate.is_none())
+            .collect();
+        let one = f.iter().find(|w| w.nodes == 1).or(f.first())?;
+        let big = f.iter().max_by_key(|w| w.nodes)?;
+        Some(model(
+            one.wall_secs,
+            big.meta(),
+            big.bytes(),
+            n,
+            args.model_mds_rate,
+            bw,
+        ))
+    };
+    let mut nodes: Vec<usize> = waves.iter().map(|w| w.nodes).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    plot::write_svg(
+        waves,
+        contenders,
+        &nodes,
+        &args.extrapolate,
+        &model_of,
+        path,
+    )
+}
+
+/// `--replot`: redraw PREFIX.svg from PREFIX.json.
+fn replot(args: &Args, bw: f64) -> Result<()> {
+    let prefix = args.out.as_ref().context("--replot needs --out PREFIX")?;
+    let with = |ext: &str| {
+        let mut p = prefix.clone().into_os_string();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let json = with(".json");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&json).with_context(|| format!("read {}", json.display()))?,
+    )
+    .with_context(|| format!("parse {}", json.display()))?;
+    let waves: Vec<Wave> = serde_json::from_value(v["waves"].clone())
+        .with_context(|| format!("{}: waves", json.display()))?;
+    let contenders: Vec<Contender> = serde_json::from_value(v["contenders"].clone())
+        .with_context(|| format!("{}: contenders", json.display()))?;
+    let rate = v["model_mds_rate"].as_f64().unwrap_or(args.model_mds_rate);
+    let bw = v["model_bandwidth"].as_f64().unwrap_or(bw);
+    let a = Args {
+        model_mds_rate: rate,
+        ..Args::parse_from(std::env::args_os())
+    };
+    write_plot(&a, bw, &waves, &contenders, &with(".svg"))
+}
+
 /// The 1-, 5- and 15-minute load averages (other work on a shared machine shows there).
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -507,6 +584,9 @@ fn main() -> Result<()> {
     let bw = cimg_benches::parse_size(&args.model_bandwidth)
         .map_err(|e| anyhow::anyhow!("bad --model-bandwidth {}: {e}", args.model_bandwidth))?
         as f64;
+    if args.replot {
+        return replot(&args, bw);
+    }
     let user: OsString = std::env::var_os("USER").unwrap_or_else(|| "root".into());
     let py = vec!["python3".to_string(), "-c".into(), args.python.clone()];
     let light = vec!["/bin/true".to_string()];
@@ -547,6 +627,7 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let max_n = args.nodes.iter().copied().max().unwrap_or(1).max(1);
     let ttl = args.ttl_ms.to_string();
+    let ttl_d = Duration::from_millis(args.ttl_ms);
     let base_args: Vec<String> = vec![
         "--meta-latency-us".into(),
         args.meta_latency_us.to_string(),
@@ -565,7 +646,7 @@ fn main() -> Result<()> {
     let mut waves: Vec<Wave> = Vec::new();
     let mut all_waves: Vec<Wave> = Vec::new();
     {
-        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, &base_args)?;
+        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, ttl_d, &base_args)?;
         commands.push(sim.command.clone());
         for k in &contenders {
             commands.push(format!(
@@ -611,7 +692,7 @@ fn main() -> Result<()> {
             "--mds-burst".into(),
             args.check_mds_burst.to_string(),
         ]);
-        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, &a)?;
+        let mut sim = Sim::start(&pfs_sim, &args.work_dir, max_n, ttl_d, &a)?;
         commands.push(sim.command.clone());
         for r in 0..args.runs.max(1) {
             for j in 0..contenders.len() {
@@ -662,7 +743,7 @@ fn main() -> Result<()> {
         });
         std::fs::write(with(".json"), serde_json::to_vec_pretty(&j)?)
             .with_context(|| format!("write {}", with(".json").display()))?;
-        plot::write_svg(&waves, &contenders, &args.nodes, &with(".svg"))?;
+        write_plot(&args, bw, &waves, &contenders, &with(".svg"))?;
     }
     Ok(())
 }
@@ -915,8 +996,9 @@ fn report(
 }
 
 mod plot {
-    //! The SVG of storm-bench: metadata operations per node and time until all finished,
-    //! against the number of nodes, one line per image.
+    //! The SVG of storm-bench: metadata operations per node and the time until all N finished,
+    //! measured, against the number of nodes; and the model's time up to the extrapolation's
+    //! largest N. One colour per image.
 
     use super::{Contender, Wave};
     use anyhow::{Result, anyhow};
@@ -934,95 +1016,177 @@ mod plot {
         anyhow!("{e}")
     }
 
+    /// A line of one image: its label, points, and whether it is a faint (secondary) line.
+    struct Line {
+        color: RGBColor,
+        label: String,
+        faint: bool,
+        /// Mark every point (measured ones; not the model's dense curve).
+        dots: bool,
+        points: Vec<(f64, f64)>,
+    }
+
+    fn panel(
+        area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+        title: &str,
+        xmax: f64,
+        lines: &[Line],
+    ) -> Result<()> {
+        let ys: Vec<f64> = lines
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.1))
+            .collect();
+        let ymax = ys.iter().copied().fold(1.0, f64::max) * 3.0;
+        let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) / 3.0;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d((1.0..xmax * 1.3).log_scale(), (ymin..ymax).log_scale())
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .light_line_style(TRANSPARENT)
+            .x_desc("nodes N (log)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| {
+                if *y >= 1.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.2}")
+                }
+            })
+            .draw()
+            .map_err(err)?;
+        for l in lines {
+            let style = if l.faint {
+                l.color.mix(0.45).stroke_width(1)
+            } else {
+                l.color.stroke_width(2)
+            };
+            chart
+                .draw_series(LineSeries::new(l.points.clone(), style))
+                .map_err(err)?
+                .label(l.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            if !l.dots {
+                continue;
+            }
+            let c = l.color;
+            chart
+                .draw_series(l.points.iter().map(|q| Circle::new(*q, 3, c.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// `model(k, n)`: the model's time of image `k` at `n` nodes (`None`: no data).
     pub fn write_svg(
         waves: &[Wave],
         contenders: &[Contender],
         nodes: &[usize],
+        extrapolate: &[u64],
+        model: &dyn Fn(&Contender, f64) -> Option<f64>,
         path: &Path,
     ) -> Result<()> {
-        let root = SVGBackend::new(path, (1200, 460)).into_drawing_area();
+        let root = SVGBackend::new(path, (1500, 470)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let root = root
             .titled(
-                "storm-bench: N nodes start python3 at once from a simulated PFS",
+                "storm-bench: N nodes start python3 at once from a simulated parallel filesystem",
                 ("sans-serif", 20),
             )
             .map_err(err)?;
-        let panels = root.split_evenly((1, 2));
+        let panels = root.split_evenly((1, 3));
         let xmax = nodes.iter().copied().max().unwrap_or(1).max(2) as f64;
-        type Get = fn(&Wave) -> f64;
-        let metrics: [(&str, Get); 2] = [
-            ("metadata ops per node (log)", |w: &Wave| w.meta()),
-            ("time until all N finished, s (log)", |w: &Wave| w.wall_secs),
-        ];
-        for (panel, (title, get)) in panels.iter().zip(metrics) {
-            let pts = |k: &Contender, limited: bool| -> Vec<(f64, f64)> {
-                let mut v: Vec<(f64, f64)> = waves
-                    .iter()
-                    .filter(|w| {
-                        w.contender == k.name
-                            && w.workload == "python"
-                            && w.mds_rate.is_some() == limited
-                    })
-                    .map(|w| (w.nodes as f64, get(w).max(1e-3)))
-                    .collect();
-                v.sort_by(|a, b| a.0.total_cmp(&b.0));
-                v
-            };
-            let ys: Vec<f64> = contenders
+        let measured = |k: &Contender, limited: bool, get: fn(&Wave) -> f64| {
+            let mut v: Vec<(f64, f64)> = waves
                 .iter()
-                .flat_map(|k| pts(k, false).into_iter().chain(pts(k, true)))
-                .map(|p| p.1)
+                .filter(|w| {
+                    w.contender == k.name
+                        && w.workload == "python"
+                        && w.mds_rate.is_some() == limited
+                })
+                .map(|w| (w.nodes as f64, get(w).max(1e-3)))
                 .collect();
-            let ymax = ys.iter().copied().fold(1.0, f64::max) * 2.0;
-            let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) / 2.0;
-            let mut chart = ChartBuilder::on(panel)
-                .caption(title, ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(60)
-                .build_cartesian_2d((1.0..xmax * 1.2).log_scale(), (ymin..ymax).log_scale())
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .x_desc("nodes N")
-                .draw()
-                .map_err(err)?;
-            for (i, k) in contenders.iter().enumerate() {
-                let color = COLORS[i % COLORS.len()];
-                for limited in [false, true] {
-                    let p = pts(k, limited);
-                    if p.is_empty() || (limited && title.starts_with("metadata")) {
-                        continue;
-                    }
-                    let style = if limited {
-                        color.mix(0.5).stroke_width(1)
-                    } else {
-                        color.stroke_width(2)
-                    };
-                    let label = if limited {
-                        format!("{} (rate-limited MDS)", k.name)
-                    } else {
-                        k.name.clone()
-                    };
-                    chart
-                        .draw_series(LineSeries::new(p.clone(), style))
-                        .map_err(err)?
-                        .label(label)
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-                    chart
-                        .draw_series(p.into_iter().map(|q| Circle::new(q, 3, color.filled())))
-                        .map_err(err)?;
-                }
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        let color = |i: usize| COLORS[i % COLORS.len()];
+        let ops: Vec<Line> = contenders
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Line {
+                color: color(i),
+                label: k.name.clone(),
+                faint: false,
+                dots: true,
+                points: measured(k, false, |w| w.meta()),
+            })
+            .collect();
+        panel(
+            &panels[0],
+            "metadata ops per node, measured (log)",
+            xmax,
+            &ops,
+        )?;
+        let mut times = Vec::new();
+        for (i, k) in contenders.iter().enumerate() {
+            times.push(Line {
+                color: color(i),
+                label: k.name.clone(),
+                faint: false,
+                dots: true,
+                points: measured(k, false, |w| w.wall_secs),
+            });
+            let lim = measured(k, true, |w| w.wall_secs);
+            if !lim.is_empty() {
+                times.push(Line {
+                    color: color(i),
+                    label: format!("{} (rate-limited MDS)", k.name),
+                    faint: true,
+                    dots: true,
+                    points: lim,
+                });
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(err)?;
         }
+        panel(
+            &panels[1],
+            "time until all N finished, s, measured on 2 cores (log)",
+            xmax,
+            &times,
+        )?;
+        let xm = extrapolate.iter().copied().max().unwrap_or(10_000).max(2) as f64;
+        let grid: Vec<f64> = (0..=40).map(|j| xm.powf(j as f64 / 40.0)).collect();
+        let model_lines: Vec<Line> = contenders
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Line {
+                color: color(i),
+                label: k.name.clone(),
+                faint: false,
+                dots: false,
+                points: grid
+                    .iter()
+                    .filter_map(|&n| model(k, n).map(|t| (n, t)))
+                    .collect(),
+            })
+            .filter(|l| !l.points.is_empty())
+            .collect();
+        panel(
+            &panels[2],
+            "model: time, s, one node per machine (log)",
+            xm,
+            &model_lines,
+        )?;
         root.present().map_err(err)?;
         Ok(())
     }
