@@ -118,6 +118,11 @@ struct Cli {
     #[arg(long = "record-hot", value_name = "FILE")]
     record_hot: Option<PathBuf>,
 
+    /// Let the FUSE driver decompress ahead of sequential readers (for big sequential reads
+    /// from the image; off by default: at start-up it takes the CPU from the application).
+    #[arg(long = "read-ahead")]
+    read_ahead: bool,
+
     /// Size of the FUSE driver's decompressed-block cache (e.g. 256M).
     #[arg(long = "cache-size", value_name = "SIZE")]
     cache_size: Option<String>,
@@ -203,6 +208,8 @@ pub struct Plan {
     pub record_hot: Option<PathBuf>,
     /// `--cache-size` in bytes.
     pub cache_size: Option<u64>,
+    /// `--read-ahead`.
+    pub read_ahead: bool,
     /// `--join`.
     pub join: bool,
     /// `--no-join`.
@@ -289,6 +296,7 @@ fn build(cli: Cli, ops: Vec<(usize, Result<EnvOp, Error>)>) -> Result<Plan, Erro
         verbosity: if cli.quiet { -1 } else { cli.verbose as i8 },
         record_hot: cli.record_hot,
         cache_size,
+        read_ahead: cli.read_ahead,
         join: cli.join,
         no_join: cli.no_join,
         join_ct: cli.join_ct,

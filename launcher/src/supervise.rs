@@ -346,6 +346,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             if let Some(c) = plan.cache_size {
                 opts.fs.cache_size = c;
             }
+            // The image's hot list is still prefetched (it is what the start-up reads);
+            // speculative read-ahead only with --read-ahead.
+            opts.fs.read_ahead = plan.read_ahead;
             opts.fs.record_hot = record_hot.clone();
             match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
                 Forked::Child => {

@@ -27,6 +27,9 @@ fn runs_a_command_with_its_status() {
     assert_eq!(code(&o), 128 + 15);
     let o = launch(&[&img(), "--", "true"]);
     assert_eq!(code(&o), 0);
+    // With speculative read-ahead on, the same bytes.
+    let o = launch(&["--read-ahead", &img(), "--", "cat", "/srv/work/marker"]);
+    assert_eq!(ok(&o), "in the image\n");
     assert!(err(&o).is_empty(), "{}", err(&o));
 }
 
