@@ -8,11 +8,14 @@
 # cannot be started. Tears everything down on exit.
 set -u
 LAUNCH=$1 IMAGE=$2 W=$3
+# The ranks of step 1 wait for this file (the host's /tmp is bound into the containers).
+RELEASE=$(mktemp -u /tmp/cimg-slurm-release.XXXXXX)
 mkdir -p "$W"/{state,log,run}
 export SLURM_CONF=$W/slurm.conf
 CTLD_PORT=$((20000 + RANDOM % 20000))
 
 cleanup() {
+    rm -f "$RELEASE"
     for f in "$W"/run/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
     [ -n "${MUNGED_PID:-}" ] && kill "$MUNGED_PID" 2>/dev/null
     sleep 0.5
@@ -92,10 +95,11 @@ census() {
 # 1. 16 ranks on 4 nodes: each reports its node, mount namespace and the image's marker.
 OUT=$W/step1.out
 srun -N4 -n16 --ntasks-per-node=4 "$LAUNCH" "$IMAGE" -- \
-    sh -c 'echo "RANK $SLURM_PROCID $SLURMD_NODENAME $(readlink /proc/self/ns/mnt) $(cat /srv/work/marker)"; sleep 3' > "$OUT" 2> "$W/step1.err" &
+    sh -c 'echo "RANK $SLURM_PROCID $SLURMD_NODENAME $(readlink /proc/self/ns/mnt) $(cat /srv/work/marker)"; while [ ! -e "$0" ]; do sleep 0.05; done' "$RELEASE" > "$OUT" 2> "$W/step1.err" &
 SRUN=$!
-for i in $(seq 100); do [ "$(grep -c ^RANK "$OUT")" -ge 16 ] && break; sleep 0.1; done
+for i in $(seq 300); do [ "$(grep -c ^RANK "$OUT")" -ge 16 ] && break; sleep 0.1; done
 census
+touch "$RELEASE"
 wait $SRUN
 echo "CHECK step1_status $?"
 echo "CHECK ranks $(grep -c '^RANK.*in the image$' "$OUT")"
@@ -111,7 +115,7 @@ echo "CHECK exit_status $?"
 
 # 3. scancel of a running step leaves no process and no mount behind.
 srun -N4 -n16 --ntasks-per-node=4 "$LAUNCH" "$IMAGE" -- sh -c 'echo up; exec sleep 300' > "$W/step3.out" 2>/dev/null &
-for i in $(seq 100); do [ "$(grep -c up "$W/step3.out")" -ge 16 ] && break; sleep 0.1; done
+for i in $(seq 300); do [ "$(grep -c up "$W/step3.out")" -ge 16 ] && break; sleep 0.1; done
 echo "CHECK step3_up $(grep -c up "$W/step3.out")"
 JOB=$(squeue -h -o %i | head -1)
 scancel "$JOB"
