@@ -650,10 +650,10 @@ fn main() -> Result<()> {
         commands.push(sim.command.clone());
         for k in &contenders {
             commands.push(format!(
-                "{} MNT/nodeI/{} -- python3 -c '{}'",
+                "{} MNT/nodeI/{} -- python3 -c {}",
                 k.program.join(" "),
                 k.image,
-                args.python
+                cimg_benches::shell_quote(std::ffi::OsStr::new(&args.python))
             ));
             // Warm the backing files in the page cache (untimed, not reported).
             wave(&mut sim, k, 1, &py, "warm-up", None, &user)?;
@@ -724,7 +724,10 @@ fn main() -> Result<()> {
             PathBuf::from(p)
         };
         let cmdline: Vec<String> = std::env::args().collect();
-        let text = format!("$ {}\n\n{report}", cmdline.join(" "));
+        let quoted: Vec<String> = std::env::args_os()
+            .map(|a| cimg_benches::shell_quote(&a))
+            .collect();
+        let text = format!("$ {}\n\n{report}", quoted.join(" "));
         std::fs::write(with(".txt"), text)
             .with_context(|| format!("write {}", with(".txt").display()))?;
         let j = serde_json::json!({
