@@ -891,8 +891,9 @@ fn supervise(
         {
             conn = None;
             if server_died.is_none() {
-                server_died = Some("the group's FUSE server ended; the app was killed".into());
-                let _ = kill(app, Signal::SIGKILL);
+                server_died =
+                    Some("the group's FUSE server ended; the container was killed".into());
+                kill_container(app);
             }
         }
         let si = match sfd.read_signal() {
@@ -929,9 +930,39 @@ fn supervise(
                 };
             }
             if Some(pid) == server {
-                server_died = Some(format!("the FUSE server ended ({how}); the app was killed"));
-                let _ = kill(app, Signal::SIGKILL);
+                server_died = Some(format!(
+                    "the FUSE server ended ({how}); the container was killed"
+                ));
+                kill_container(app);
             }
+        }
+    }
+}
+
+/// The image is gone (its server died): SIGKILL the app and every other process of this
+/// container (those in launch's mount namespace), so nothing is left using a dead mount —
+/// except the other peers' launch processes, which see the same and report it themselves.
+fn kill_container(app: Pid) {
+    let _ = kill(app, Signal::SIGKILL);
+    let (Ok(me), Ok(exe)) = (
+        fs::read_link("/proc/self/ns/mnt"),
+        fs::read_link("/proc/self/exe"),
+    ) else {
+        return;
+    };
+    let own = std::process::id();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid as u32 != own
+            && fs::read_link(e.path().join("ns/mnt")).is_ok_and(|ns| ns == me)
+            && fs::read_link(e.path().join("exe")).is_ok_and(|x| x != exe)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }

@@ -60,6 +60,37 @@ fn finish(children: Vec<Child>) -> Vec<Output> {
         .collect()
 }
 
+/// A file in the host's /tmp (bound into containers) that peers wait for.
+struct Release {
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Release {
+    fn new() -> Release {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let path = dir.path().join("release").display().to_string();
+        Release { path, _dir: dir }
+    }
+    /// Shell code that waits for the release.
+    fn wait(&self) -> String {
+        format!("while [ ! -e {} ]; do sleep 0.02; done", self.path)
+    }
+    /// How many container apps (shells) wait for it.
+    fn waiting(&self) -> usize {
+        processes_with(&self.path)
+            .iter()
+            .filter(|l| {
+                l.split_once(": ")
+                    .is_some_and(|(_, cmd)| cmd.starts_with("sh -c"))
+            })
+            .count()
+    }
+    fn go(&self) {
+        fs::write(&self.path, "").unwrap();
+    }
+}
+
 /// A tiny deterministic shuffle of start delays.
 fn delays(n: usize, seed: u64) -> Vec<u64> {
     let mut x = seed
@@ -84,24 +115,27 @@ fn one_two_and_eight_peers_in_random_order_share_one_container() {
         let img = private_image(&format!("group{n}"));
         let tag = format!("t{n}-{}", std::process::id());
         let ct = n.to_string();
+        let release = Release::new();
         let mut children = Vec::new();
         for (rank, d) in delays(n, seed).into_iter().enumerate() {
             std::thread::sleep(Duration::from_millis(d));
-            // Each rank reports its namespaces, reads the image, waits for all, exits with
-            // its own code.
+            // Each rank reports its namespaces, reads the image, waits for the release, exits
+            // with its own code.
             let script = format!(
-                "readlink /proc/self/ns/mnt /proc/self/ns/user; cat /srv/work/marker; sleep 0.5; exit {rank}"
+                "readlink /proc/self/ns/mnt /proc/self/ns/user; cat /srv/work/marker; {}; exit {rank}",
+                release.wait()
             );
             children.push(peer(&["--join-ct", &ct, "--join-tag", &tag, &img], &script));
         }
         let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
-        std::thread::sleep(Duration::from_millis(250));
+        wait_until("every rank inside", || release.waiting() >= n);
         assert_eq!(servers(&img, &pids), 1, "{n} peers: one server");
         assert_eq!(
             mounts_of(std::path::Path::new(&img)),
             1,
             "{n} peers: one mount namespace"
         );
+        release.go();
         let outs = finish(children);
         let mut namespaces = std::collections::BTreeSet::new();
         for (rank, o) in outs.iter().enumerate() {
@@ -130,23 +164,33 @@ fn the_creator_may_exit_first() {
     }
     let img = private_image("creator-first");
     let tag = format!("cf-{}", std::process::id());
+    // The creator waits until both others are inside, then exits; they read the image
+    // afterwards.
+    let (a, b) = (Release::new(), Release::new());
     let first = peer(
         &["--join-ct", "3", "--join-tag", &tag, &img],
-        "readlink /proc/self/ns/mnt; exit 0",
+        &format!("readlink /proc/self/ns/mnt; {}", a.wait()),
     );
     std::thread::sleep(Duration::from_millis(100));
     let late: Vec<Child> = (0..2)
         .map(|_| {
             peer(
                 &["--join-ct", "3", "--join-tag", &tag, &img],
-                "readlink /proc/self/ns/mnt; sleep 0.6; cat /srv/work/marker",
+                &format!(
+                    "readlink /proc/self/ns/mnt; {}; cat /srv/work/marker",
+                    b.wait()
+                ),
             )
         })
         .collect();
-    // The creator ends while the others are still running and reading.
+    wait_until("both late peers inside", || {
+        processes_with(&b.path).len() >= 2
+    });
+    a.go();
     let o = first.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", err(&o));
     let ns = out(&o);
+    b.go();
     for o in finish(late) {
         assert!(o.status.success(), "{}", err(&o));
         assert_eq!(out(&o), format!("{ns}in the image\n"));
@@ -229,10 +273,17 @@ fn sigkill_of_the_server_ends_every_peer() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    let killed = std::time::Instant::now();
     for o in finish(children) {
         assert_eq!(o.status.code(), Some(125), "{}", err(&o));
         assert!(err(&o).contains("FUSE server ended"), "{}", err(&o));
     }
+    // The whole container went (the shells' `sleep 30` children too, which hold stdout).
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed.elapsed()
+    );
     wait_until("nothing left", || processes_with(&img).is_empty());
     fs::remove_file(&img).unwrap();
 }
