@@ -114,7 +114,9 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             enter_existing(plan, host, Entry::Pid(pid), log)
         }
         JoinMode::Group { tag, count } => {
-            let image = fs::canonicalize(&plan.image).map_err(|e| {
+            // Peers compare image paths made absolute without touching the filesystem (no
+            // per-rank lookups of every path component on the parallel filesystem).
+            let image = std::path::absolute(&plan.image).map_err(|e| {
                 Error::image(format!("{}: {}", plan.image.display(), enter::io_msg(&e)))
             })?;
             let host = Host::read(&plan)?;
@@ -715,12 +717,17 @@ struct Built {
 }
 
 fn open_image(path: &Path) -> Result<Source, Error> {
-    let meta = fs::metadata(path)
-        .map_err(|e| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e))))?;
-    if meta.is_dir() {
+    // One open and one fstat of the image: on a parallel filesystem every stat or lookup of
+    // the path is a metadata operation on the server (the storm benchmark counts them).
+    let fail =
+        |e: std::io::Error| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e)));
+    let file = fs::File::open(path).map_err(fail)?;
+    if file.metadata().map_err(fail)?.is_dir() {
         return Ok(Source::Dir(path.to_path_buf()));
     }
-    let img = cimg_format::Image::open(path).map_err(|e| Error::image(e.to_string()))?;
+    let opts = cimg_format::OpenOptions::default();
+    let img = cimg_format::Image::from_reader(file, path, &opts)
+        .map_err(|e| Error::image(e.to_string()))?;
     Ok(Source::Cimg(Box::new(img)))
 }
 
