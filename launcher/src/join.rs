@@ -366,6 +366,13 @@ pub fn connect_creator(tag: &str, count: u32, image: &Path) -> Result<OwnedFd, E
     Ok(s)
 }
 
+/// Whether the server at the other end of `conn` is gone, without waiting (the socket is
+/// polled first; a peer only ever reads end of file or an error from it once registered).
+pub fn closed_now(conn: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(conn, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) && closed(conn)
+}
+
 /// Whether the peer at the other end of `conn` is gone (end of file or error).
 pub fn closed(conn: BorrowedFd<'_>) -> bool {
     let mut b = [0u8; 64];

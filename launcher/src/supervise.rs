@@ -919,6 +919,7 @@ fn supervise(
             }
             continue;
         }
+        let mut app_status = None;
         loop {
             let st = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -931,10 +932,7 @@ fn supervise(
             };
             if pid == app {
                 log.v(|| format!("app ended: {how}"));
-                return match server_died {
-                    Some(why) => Err(Error::other(why)),
-                    None => Ok(code),
-                };
+                app_status = Some(code);
             }
             if Some(pid) == server {
                 server_died = Some(format!(
@@ -942,6 +940,21 @@ fn supervise(
                 ));
                 kill_container(app);
             }
+        }
+        if let Some(code) = app_status {
+            // The app may have been killed because the image went away (another peer saw
+            // it first): say so rather than pass on the SIGKILL.
+            if server_died.is_none()
+                && let Some(c) = conn
+                && join::closed_now(c.as_fd())
+            {
+                server_died =
+                    Some("the group's FUSE server ended; the container was killed".into());
+            }
+            return match server_died {
+                Some(why) => Err(Error::other(why)),
+                None => Ok(code),
+            };
         }
     }
 }
