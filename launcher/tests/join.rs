@@ -91,6 +91,20 @@ impl Release {
     }
 }
 
+impl Drop for Release {
+    /// A test that failed before its release leaves no waiting container behind.
+    fn drop(&mut self) {
+        for l in processes_with(&self.path) {
+            if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 /// A tiny deterministic shuffle of start delays.
 fn delays(n: usize, seed: u64) -> Vec<u64> {
     let mut x = seed
