@@ -298,7 +298,9 @@ fn ask(
         Ok(_) => {}
         Err(e) => return Err(Error::other(errno_msg(format!("join {tag}"), e))),
     }
-    let mut buf = vec![0u8; 1 << 20];
+    // The answer carries the image config (its Env, WorkingDir, ...): 256 KiB is plenty; a
+    // longer one is cut (MSG_TRUNC) and refused below.
+    let mut buf = vec![0u8; 256 << 10];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
     let (n, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -318,6 +320,11 @@ fn ask(
                     fds.extend(f);
                 }
             }
+        }
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(Error::other(format!(
+                "join {tag}: the image config is too long to pass"
+            )));
         }
         (msg.bytes, crate::sys::own_fds(fds))
     };

@@ -175,12 +175,18 @@ impl Host {
         Ok(Host {
             env_files: read_env_files(plan)?,
             cwd: std::env::current_dir().ok(),
-            user_name: User::from_uid(Uid::current())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| format!("user{}", Uid::current())),
+            // Only --home needs the name: skip the user database (NSS) otherwise, it is a
+            // measurable part of a joining rank's start.
+            user_name: if plan.home {
+                User::from_uid(Uid::current())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_else(|| format!("user{}", Uid::current()))
+            } else {
+                String::new()
+            },
         })
     }
 }
