@@ -584,6 +584,18 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         return Err(e);
     }
     log.v(|| "entered the container (pivot_root)".into());
+    // A group's creator registers as soon as it is inside, so the other ranks enter while
+    // its own command starts: joiners enter through registered peers.
+    let conn = match group {
+        Some((tag, count, image)) => match join::connect_creator(&tag, count, &image) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                kill_server(&server);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     // The app.
     let app = match fork_app(&built.cwd, &built.env, &plan.cmd, me, &old_mask) {
         Ok(app) => app,
@@ -593,11 +605,6 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    // A group's creator registers: joiners enter through registered peers.
-    let conn = match group {
-        Some((tag, count, image)) => Some(join::connect_creator(&tag, count, &image)?),
-        None => None,
-    };
     supervise(&sfd, app, server.as_ref().map(|s| s.0), conn.as_ref(), &log)
 }
 
