@@ -505,10 +505,19 @@ fn refuses_to_run_setuid() {
     let copy = f.work.join(format!("launch-suid-{}", std::process::id()));
     fs::copy(LAUNCH, &copy).unwrap();
     fs::set_permissions(&copy, fs::Permissions::from_mode(0o4755)).unwrap();
-    let o = Command::new(&copy)
-        .args([&img(), "--", "true"])
-        .output()
-        .unwrap();
+    // Another test thread forking while the copy was open for writing can hold it a moment
+    // (ETXTBSY until that child execs): retry.
+    let o = (0..100)
+        .find_map(
+            |_| match Command::new(&copy).args([&img(), "--", "true"]).output() {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                }
+                r => Some(r.unwrap()),
+            },
+        )
+        .expect("the copy stayed busy");
     assert_eq!(code(&o), 125);
     assert!(err(&o).contains("refusing to run setuid"), "{}", err(&o));
     fs::remove_file(copy).unwrap();
