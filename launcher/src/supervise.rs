@@ -730,18 +730,24 @@ struct Built {
 }
 
 fn open_image(path: &Path) -> Result<Source, Error> {
-    // One open and one fstat of the image: on a parallel filesystem every stat or lookup of
-    // the path is a metadata operation on the server (the storm benchmark counts them).
+    // One open and the reader's one fstat: on a parallel filesystem every stat or lookup of
+    // the path is a metadata operation on the server (the storm benchmark counts them). A
+    // directory opens too, and its first read says what it is.
     let fail =
         |e: std::io::Error| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e)));
     let file = fs::File::open(path).map_err(fail)?;
-    if file.metadata().map_err(fail)?.is_dir() {
-        return Ok(Source::Dir(path.to_path_buf()));
-    }
     let opts = cimg_format::OpenOptions::default();
-    let img = cimg_format::Image::from_reader(file, path, &opts)
-        .map_err(|e| Error::image(e.to_string()))?;
-    Ok(Source::Cimg(Box::new(img)))
+    match cimg_format::Image::from_reader(file, path, &opts) {
+        Ok(img) => Ok(Source::Cimg(Box::new(img))),
+        Err(cimg_format::Error::Io { err, .. })
+            if err.raw_os_error() == Some(nix::libc::EISDIR) =>
+        {
+            Ok(Source::Dir(path.to_path_buf()))
+        }
+        // A directory too small for the reader's first check (tmpfs reports tiny sizes).
+        Err(_) if path.is_dir() => Ok(Source::Dir(path.to_path_buf())),
+        Err(e) => Err(Error::image(e.to_string())),
+    }
 }
 
 fn host_tmp_dir() -> PathBuf {
