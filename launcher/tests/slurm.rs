@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::process::Command;
 
 use common::*;
@@ -75,4 +76,17 @@ fn srun_across_four_nodes_makes_one_container_per_node() {
     for (k, v) in expect {
         assert_eq!(checks.get(k).copied(), Some(v), "{k}:\n{text}\n{}", err(&o));
     }
+    // The cluster is gone: no live process started with its configuration.
+    let conf = format!(
+        "SLURM_CONF={}",
+        work.path().join("cluster/slurm.conf").display()
+    );
+    wait_until("the cluster's daemons to go", || {
+        fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            let environ = fs::read(e.path().join("environ")).unwrap_or_default();
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+            zombie || !environ.split(|&c| c == 0).any(|v| v == conf.as_bytes())
+        })
+    });
 }

@@ -14,12 +14,24 @@ mkdir -p "$W"/{state,log,run}
 export SLURM_CONF=$W/slurm.conf
 CTLD_PORT=$((20000 + RANDOM % 20000))
 
+# This cluster's step daemons: slurmstepd processes started with our SLURM_CONF.
+stepds() {
+    for p in $(pgrep -x slurmstepd); do
+        { tr '\0' '\n' < "/proc/$p/environ"; } 2>/dev/null | grep -qx "SLURM_CONF=$SLURM_CONF" && echo "$p"
+    done
+}
+
 cleanup() {
     rm -f "$RELEASE"
-    for f in "$W"/run/*.pid; do [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
-    [ -n "${MUNGED_PID:-}" ] && kill "$MUNGED_PID" 2>/dev/null
+    # The daemons remove their pid files when told to stop, and slurmd may then wait for
+    # its steps: read the pids first, ask, then make sure.
+    pids="${MUNGED_PID:-}"
+    for f in "$W"/run/*.pid; do [ -e "$f" ] && pids="$pids $(cat "$f")"; done
+    for p in $pids; do kill "$p" 2>/dev/null; done
     sleep 0.5
-    for f in "$W"/run/*.pid; do [ -e "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; done
+    for p in $pids; do kill -9 "$p" 2>/dev/null; done
+    # Step daemons outlive a killed slurmd; nothing of this cluster may stay.
+    for p in $(stepds); do kill -9 "$p" 2>/dev/null; done
 }
 trap cleanup EXIT
 
