@@ -373,11 +373,12 @@ pub fn connect_creator(tag: &str, count: u32, image: &Path) -> Result<OwnedFd, E
     Ok(s)
 }
 
-/// Whether the server at the other end of `conn` is gone, without waiting (the socket is
-/// polled first; a peer only ever reads end of file or an error from it once registered).
-pub fn closed_now(conn: BorrowedFd<'_>) -> bool {
+/// Whether the server at the other end of `conn` is gone, waiting at most `wait` for it to
+/// say so (a peer only ever reads end of file or an error from it once registered).
+pub fn closed_within(conn: BorrowedFd<'_>, wait: Duration) -> bool {
     let mut fds = [PollFd::new(conn, PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) && closed(conn)
+    let ms = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+    matches!(poll(&mut fds, ms), Ok(n) if n > 0) && closed(conn)
 }
 
 /// Whether the peer at the other end of `conn` is gone (end of file or error).

@@ -963,9 +963,15 @@ fn supervise(
         if let Some(code) = app_status {
             // The app may have been killed because the image went away (another peer saw
             // it first): say so rather than pass on the SIGKILL.
+            // (Only a SIGKILLed app waits, briefly, for the server's end to show.)
+            let wait = if code == 128 + Signal::SIGKILL as i32 {
+                std::time::Duration::from_millis(200)
+            } else {
+                std::time::Duration::ZERO
+            };
             if server_died.is_none()
                 && let Some(c) = conn
-                && join::closed_now(c.as_fd())
+                && join::closed_within(c.as_fd(), wait)
             {
                 server_died =
                     Some("the group's FUSE server ended; the container was killed".into());
