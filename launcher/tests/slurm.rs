@@ -76,17 +76,40 @@ fn srun_across_four_nodes_makes_one_container_per_node() {
     for (k, v) in expect {
         assert_eq!(checks.get(k).copied(), Some(v), "{k}:\n{text}\n{}", err(&o));
     }
-    // The cluster is gone: no live process started with its configuration.
+    // The cluster is gone: no live process started with its configuration (step daemons
+    // can take some seconds to notice their slurmd is gone).
     let conf = format!(
         "SLURM_CONF={}",
         work.path().join("cluster/slurm.conf").display()
     );
-    wait_until("the cluster's daemons to go", || {
-        fs::read_dir("/proc").unwrap().flatten().all(|e| {
-            let environ = fs::read(e.path().join("environ")).unwrap_or_default();
-            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
-            zombie || !environ.split(|&c| c == 0).any(|v| v == conf.as_bytes())
-        })
-    });
+    let left = || -> Vec<String> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let environ = fs::read(e.path().join("environ")).unwrap_or_default();
+                let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let zombie = stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'));
+                !zombie && environ.split(|&c| c == 0).any(|v| v == conf.as_bytes())
+            })
+            .map(|e| {
+                let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+                format!(
+                    "{:?}: {}",
+                    e.file_name(),
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                )
+            })
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    let mut still = left();
+    while !still.is_empty() && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        still = left();
+    }
+    assert!(
+        still.is_empty(),
+        "left of the cluster after 60 s: {still:?}"
+    );
 }
