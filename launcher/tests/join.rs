@@ -320,7 +320,9 @@ fn a_stale_group_does_not_block_the_next() {
     // ...and one whose peers have all gone while a daemon keeps its container alive.
     let daemon = peer(
         &["--join-ct", "2", "--join-tag", &tag, &img],
-        "readlink /proc/self/ns/mnt; (sleep 1.5 &) ; exit 0",
+        // The daemon lets go of stdout, so this launch returns at once while the daemon
+        // (and so the old container, whose namespace id cannot be reused meanwhile) lives.
+        "readlink /proc/self/ns/mnt; (sleep 3 >/dev/null 2>&1 &) ; exit 0",
     );
     let old_ns = out(&daemon.wait_with_output().unwrap());
     // The next group with the same tag makes its own container.
