@@ -221,22 +221,27 @@ pub fn find_program(name: &Path) -> Option<PathBuf> {
         .find(|p| is_exe(p))
 }
 
-/// The `cimg` binary: `explicit` if given, else the one next to the running executable (the same
-/// cargo target directory).
-pub fn cimg_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+/// A binary of this workspace: `explicit` if given, else the one named `name` next to the
+/// running executable (the same cargo target directory).
+pub fn sibling_binary(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
     let p = match explicit {
         Some(p) => p.to_path_buf(),
         None => std::env::current_exe()
             .context("find own executable")?
-            .with_file_name("cimg"),
+            .with_file_name(name),
     };
     if !p.is_file() {
         bail!(
-            "cimg binary not found at {} (build it with `cargo build --release -p cimg-format`, or pass --cimg PATH)",
+            "{name} binary not found at {} (build it with `cargo build --release`, or pass --{name} PATH)",
             p.display()
         );
     }
     Ok(p)
+}
+
+/// The `cimg` binary: `explicit` if given, else the one next to the running executable.
+pub fn cimg_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    sibling_binary("cimg", explicit)
 }
 
 /// What a directory tree holds, as counted by [`read_tree`].

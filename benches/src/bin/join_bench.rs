@@ -117,16 +117,7 @@ fn census(image: &Path, ranks: &[u32]) -> (usize, usize, u64) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let launch = match &args.launch {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("launch"),
-    };
-    if !launch.is_file() {
-        bail!(
-            "launch not found at {} (cargo build --release)",
-            launch.display()
-        );
-    }
+    let launch = cimg_benches::sibling_binary("launch", args.launch.as_deref())?;
     if !args.image.is_file() {
         bail!(
             "{} does not exist (run launch-bench first, or pass --image)",

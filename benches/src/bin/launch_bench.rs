@@ -86,20 +86,6 @@ struct Row {
     py_cold_ms: Vec<f64>,
 }
 
-fn sibling(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    let p = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()?.with_file_name(name),
-    };
-    if !p.is_file() {
-        bail!(
-            "{name} not found at {} (cargo build --release, or pass --{name} PATH)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
     let o = cmd
         .stdin(Stdio::null())
@@ -174,8 +160,8 @@ fn measure_all(
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let launch = sibling("launch", args.launch.as_deref())?;
-    let cimg = sibling("cimg", args.cimg.as_deref())?;
+    let launch = cimg_benches::sibling_binary("launch", args.launch.as_deref())?;
+    let cimg = cimg_benches::sibling_binary("cimg", args.cimg.as_deref())?;
     let ch_run = find_program(&args.ch_run).with_context(|| {
         format!(
             "{} not found (apt-get install charliecloud)",

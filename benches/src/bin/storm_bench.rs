@@ -108,20 +108,6 @@ struct Args {
     mksquashfs: PathBuf,
 }
 
-fn sibling(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    let p = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()?.with_file_name(name),
-    };
-    if !p.is_file() {
-        bail!(
-            "{name} not found at {} (cargo build --release, or pass --{name} PATH)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 fn run_quiet(cmd: &mut Command) -> Result<()> {
     let line = command_line(cmd);
     let o = cmd
@@ -559,9 +545,9 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("storm-bench mounts the simulator and needs root");
     }
-    let launch = sibling("launch", args.launch.as_deref())?;
-    let cimg = sibling("cimg", args.cimg.as_deref())?;
-    let pfs_sim = sibling("pfs-sim", args.pfs_sim.as_deref())?;
+    let launch = cimg_benches::sibling_binary("launch", args.launch.as_deref())?;
+    let cimg = cimg_benches::sibling_binary("cimg", args.cimg.as_deref())?;
+    let pfs_sim = cimg_benches::sibling_binary("pfs-sim", args.pfs_sim.as_deref())?;
     let ch_run = find_program(&args.ch_run).with_context(|| {
         format!(
             "{} not found (apt-get install charliecloud)",
