@@ -222,3 +222,110 @@ fn token_bucket_spaces_reservations() {
     let lag = last.saturating_duration_since(t0).as_secs_f64();
     assert!((0.39..0.45).contains(&lag), "{lag}");
 }
+
+/// A workspace binary (`launch`) from the target directory this test runs from.
+fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(p.is_file(), "{} not built", p.display());
+    p
+}
+
+/// A usrmerged root holding `programs` from the host and the libraries `ldd` lists for them.
+fn host_programs_rootfs(root: &Path, programs: &[&str]) {
+    use std::os::unix::fs::symlink;
+    for d in [
+        "etc",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "usr/bin",
+        "usr/lib",
+        "usr/lib64",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for (l, t) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        symlink(t, root.join(l)).unwrap();
+    }
+    let mut libs = std::collections::BTreeSet::new();
+    for p in programs {
+        let src = cimg_benches::find_program(Path::new(p)).expect("host program");
+        std::fs::copy(&src, root.join("usr/bin").join(p)).unwrap();
+        let o = std::process::Command::new("ldd")
+            .arg(&src)
+            .output()
+            .unwrap();
+        for tok in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            if tok.starts_with('/') {
+                libs.insert(PathBuf::from(tok));
+            }
+        }
+    }
+    for l in libs {
+        let rel = l.strip_prefix("/").unwrap();
+        let dst = root
+            .join("usr")
+            .join(rel.strip_prefix("usr").unwrap_or(rel));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&l, &dst).unwrap();
+    }
+}
+
+/// The cimg goal of the metadata-storm issue, on the simulator with zero TTLs (every path
+/// walk and stat reaches it): a launch costs at most 5 metadata operations on the parallel
+/// filesystem whatever the container does, here `/bin/true` and reading every file of the
+/// image. Counted by the simulator, not timed.
+#[test]
+fn launch_costs_at_most_five_metadata_operations() {
+    if !can_mount("launch_costs_at_most_five_metadata_operations") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    host_programs_rootfs(&rootfs, &["true", "sh", "cat", "find"]);
+    std::fs::create_dir_all(dir.path().join("back")).unwrap();
+    let image = dir.path().join("back/img.cimg");
+    let opts = cimg_format::PackOptions {
+        level: 3,
+        ..Default::default()
+    };
+    cimg_format::writer::pack_dir(&rootfs, &image, &opts, &|_, _| {}).unwrap();
+    let (sim, mnt) = start(dir.path(), SimConfig::default());
+    let launch = workspace_binary("launch");
+    let mut per_run = Vec::new();
+    for cmd in [
+        &["/bin/true"][..],
+        &[
+            "/bin/sh",
+            "-c",
+            "find / -xdev -type f -exec cat {} + >/dev/null",
+        ],
+    ] {
+        let c0 = sim.counters();
+        let out = std::process::Command::new(&launch)
+            .arg(mnt.join("img.cimg"))
+            .arg("--")
+            .args(cmd)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        // The image file's close reaches the simulator after launch has exited.
+        let d = settle(&sim, c0.release + 1).since(&c0);
+        assert_eq!((d.open, d.release), (1, 1), "{cmd:?}: {d:?}");
+        assert!(d.metadata_ops() <= 5, "{cmd:?}: {d:?}");
+        assert!(d.read_calls >= 1, "{cmd:?}: {d:?}");
+        per_run.push((d.metadata_ops(), d.read_bytes));
+    }
+    // Reading every file fetched more bytes, but not one more metadata operation.
+    assert_eq!(per_run[0].0, per_run[1].0, "{per_run:?}");
+    assert!(per_run[1].1 > per_run[0].1, "{per_run:?}");
+    sim.stop().unwrap();
+}

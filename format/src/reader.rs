@@ -36,8 +36,22 @@ impl ReadAt for File {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
     }
+    /// The size the kernel holds from the open (`AT_STATX_DONT_SYNC`): on a network or FUSE
+    /// filesystem (Lustre through FUSE, NFS, the PFS simulator) a plain `fstat` right after
+    /// `open` asks the server again, one more metadata operation per node for nothing — the
+    /// open's lookup has just brought the attributes. Local filesystems ignore the flag.
     fn size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        use rustix::fs::{AtFlags, StatxFlags, statx};
+        match statx(
+            self,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            StatxFlags::SIZE,
+        ) {
+            Ok(st) if st.stx_mask & StatxFlags::SIZE.bits() != 0 => Ok(st.stx_size),
+            // No statx (old kernel, seccomp) or no size in its answer: a plain fstat.
+            _ => Ok(self.metadata()?.len()),
+        }
     }
 }
 
