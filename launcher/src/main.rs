@@ -9,6 +9,12 @@
 //! - [`sys`]: the only module with `unsafe` (fork).
 //! - [`error`]: the one error type, carrying its exit code.
 
+// The entry point is `sys::main`: the C `main` without Rust's runtime set-up, which reads
+// /proc/self/maps to place a stack guard and ignores SIGPIPE, a disposition the container's
+// processes would inherit (`yes | head` would then fail with EPIPE instead of ending
+// quietly). Every launch of a thousand-rank job pays the start-up, so it is kept to the libc's.
+#![cfg_attr(not(test), no_main)]
+
 mod enter;
 mod error;
 mod join;
@@ -16,25 +22,26 @@ mod plan;
 mod supervise;
 mod sys;
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let plan = match plan::parse(std::env::args_os()) {
-        Ok(p) => p,
+/// The program: parse, run, report; the exit status. Called by [`sys::main`].
+#[cfg_attr(test, allow(dead_code))]
+fn launch_main() -> i32 {
+    let code = match plan::parse(std::env::args_os()) {
+        // Help and --version go to stdout with status 0; usage errors to stderr with 2.
         Err(e) => {
-            // Help and --version go to stdout with status 0; usage errors to stderr with 2.
             let _ = e.print();
-            return ExitCode::from(e.exit_code() as u8);
+            e.exit_code()
         }
+        Ok(plan) => match refuse_setuid().and(plan).and_then(supervise::run) {
+            Ok(code) => code.clamp(0, 255),
+            Err(e) => {
+                eprintln!("launch: {e}");
+                e.code()
+            }
+        },
     };
-    let result = refuse_setuid().and(plan).and_then(supervise::run);
-    match result {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("launch: {e}");
-            ExitCode::from(e.code() as u8)
-        }
-    }
+    // Without Rust's runtime nothing flushes stdout at exit.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code
 }
 
 /// Refuse to run with more privileges than the caller has: setuid/setgid installs, or an

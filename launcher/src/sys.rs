@@ -1,6 +1,7 @@
-//! The only module of `launch` with `unsafe` code: process creation (fork) and the two
-//! mount-API calls that `nix` does not wrap (open_tree, move_mount). Everything else the
-//! launcher needs from the kernel has a safe wrapper in `nix` or `caps`.
+//! The only module of `launch` with `unsafe` code: the program's C entry point, process
+//! creation (fork) and the two mount-API calls that `nix` does not wrap (open_tree,
+//! move_mount). Everything else the launcher needs from the kernel has a safe wrapper in
+//! `nix` or `caps`.
 
 #![allow(unsafe_code)]
 
@@ -8,6 +9,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::unistd::{ForkResult, Pid};
+
+/// The C entry point (`main.rs` is `#![no_main]`), called by the libc's start-up code. The
+/// arguments are read by `std::env::args_os`, which the standard library fills from the
+/// libc's start-up on Linux without its runtime.
+#[cfg(not(test))]
+// SAFETY: no other symbol of the program is named `main` (the crate has no Rust `fn main`
+// outside tests), and the signature is C's `int main(void)`, which the libc may call with
+// argc, argv and envp in registers that this function ignores.
+#[unsafe(no_mangle)]
+extern "C" fn main() -> nix::libc::c_int {
+    crate::launch_main()
+}
 
 /// Which side of a fork this is.
 pub enum Forked {

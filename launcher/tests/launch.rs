@@ -34,6 +34,44 @@ fn runs_a_command_with_its_status() {
 }
 
 #[test]
+fn signal_dispositions_are_the_callers() {
+    if !capable() {
+        return;
+    }
+    // SIGPIPE (signal 13, bit 12 of SigIgn) is not ignored in the container when the caller
+    // does not ignore it: a writer into a closed pipe ends quietly, as on the host.
+    let o = launch(&[
+        &img(),
+        "--",
+        "sh",
+        "-c",
+        "cat /dev/zero | head -c 1 | wc -c; grep SigIgn /proc/self/status",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).is_empty(), "{}", err(&o));
+    let ign = |o: &std::process::Output| {
+        let line = out(o)
+            .lines()
+            .find(|l| l.starts_with("SigIgn:"))
+            .unwrap()
+            .to_string();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    assert_eq!(out(&o).lines().next(), Some("1"));
+    assert_eq!(ign(&o) & (1 << 12), 0, "{}", out(&o));
+    // A caller that ignores it (like nohup for SIGHUP) passes that on.
+    let o = Command::new("sh")
+        .args(["-c", "trap '' PIPE; exec \"$0\" \"$@\""])
+        .arg(LAUNCH)
+        .args([&img(), "--", "grep", "SigIgn", "/proc/self/status"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_ne!(ign(&o) & (1 << 12), 0, "{}", out(&o));
+}
+
+#[test]
 fn the_root_is_the_image_read_only_with_host_binds() {
     if !capable() {
         return;
