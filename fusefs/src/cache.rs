@@ -82,6 +82,9 @@ enum Slot {
     Ready { data: Arc<Block>, tick: u64 },
     /// Being loaded by some thread; wait on the shard's condition variable.
     Loading,
+    /// Being loaded by a background prefetch ([`BlockCache::prefetch`]): nobody waits for
+    /// it (the prefetcher may run at a low priority); a reader loads the block itself.
+    Prefetching,
 }
 
 #[derive(Default)]
@@ -274,6 +277,7 @@ impl BlockCache {
                 return Ok(data);
             }
             if matches!(st.map.get(&id), Some(Slot::Loading)) {
+                // (A `Prefetching` block is loaded again here rather than waited for.)
                 if !waited {
                     self.waits.fetch_add(1, Ordering::Relaxed);
                     waited = true;
@@ -294,20 +298,63 @@ impl BlockCache {
         };
         let block = load()?; // the guard clears the mark on error
         let data = Arc::new(block);
-        let charge = data.charge();
+        guard.armed = false;
+        self.insert(shard, id, data.clone());
+        Ok(data)
+    }
 
+    /// Load block `id` in the background unless it is present or being loaded: readers that
+    /// ask for it meanwhile do not wait for this load (they load it themselves, and their
+    /// copy wins), so a prefetcher at a low priority never holds a reader up. Returns whether
+    /// this call loaded the block.
+    pub fn prefetch<E>(&self, id: u32, load: impl FnOnce() -> Result<Block, E>) -> Result<bool, E> {
+        let shard = self.shard(id);
+        {
+            let mut st = shard.lock();
+            if st.map.contains_key(&id) {
+                return Ok(false);
+            }
+            st.map.insert(id, Slot::Prefetching);
+        }
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let block = match load() {
+            Ok(b) => b,
+            Err(e) => {
+                let mut st = shard.lock();
+                if matches!(st.map.get(&id), Some(Slot::Prefetching)) {
+                    st.map.remove(&id);
+                }
+                return Err(e);
+            }
+        };
+        let st = shard.lock();
+        if !matches!(st.map.get(&id), Some(Slot::Prefetching)) {
+            // A reader loaded it meanwhile (or is loading it): keep theirs.
+            drop(st);
+            self.recycle(block);
+            return Ok(false);
+        }
+        drop(st);
+        self.insert(shard, id, Arc::new(block));
+        Ok(true)
+    }
+
+    /// Make `data` block `id`'s ready copy, evicting the least recently used blocks beyond
+    /// the shard's budget, and wake the block's waiters.
+    fn insert(&self, shard: &Shard, id: u32, data: Arc<Block>) {
+        let charge = data.charge();
         let mut victims = Vec::new();
         let mut st = shard.lock();
-        guard.armed = false;
         if charge <= self.shard_budget {
+            if let Some(Slot::Ready { tick, .. }) = st.map.get(&id) {
+                let old = *tick;
+                st.lru.remove(&old);
+                if let Some(Slot::Ready { data, .. }) = st.map.remove(&id) {
+                    st.bytes -= data.charge();
+                }
+            }
             let tick = st.next_tick();
-            st.map.insert(
-                id,
-                Slot::Ready {
-                    data: data.clone(),
-                    tick,
-                },
-            );
+            st.map.insert(id, Slot::Ready { data, tick });
             st.lru.insert(tick, id);
             st.bytes += charge;
             while st.bytes > self.shard_budget {
@@ -330,7 +377,6 @@ impl BlockCache {
                 self.recycle(b);
             }
         }
-        Ok(data)
     }
 
     /// A block of `len` bytes for a load: a recycled mapping of the same size if there is
@@ -513,5 +559,41 @@ mod tests {
         assert!(r.is_err());
         assert!(!c.contains(9));
         assert!(c.get_or_load(9, ok(1, 1)).is_ok());
+    }
+
+    #[test]
+    fn readers_do_not_wait_for_a_prefetch() {
+        let c = Arc::new(BlockCache::new(1 << 20));
+        // A prefetch of block 5 that cannot finish until the reader below has its block.
+        let (started, go) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let t = {
+            let (c, started, go) = (c.clone(), started.clone(), go.clone());
+            std::thread::spawn(move || {
+                c.prefetch(5, || {
+                    started.wait();
+                    go.wait();
+                    Ok::<_, ()>(block(PAGE, 1))
+                })
+            })
+        };
+        started.wait();
+        assert!(c.contains(5) && !c.is_ready(5));
+        // The reader loads the block itself instead of waiting (this would deadlock if it
+        // waited: the prefetch finishes only after it).
+        let got = c.get_or_load(5, ok(PAGE, 2)).unwrap();
+        assert_eq!(got[0], 2);
+        go.wait();
+        // The prefetch's copy is dropped: the reader's stays.
+        assert_eq!(t.join().unwrap(), Ok(false));
+        assert_eq!(c.get(5).unwrap()[0], 2);
+        assert_eq!(c.bytes(), PAGE as u64);
+        // A prefetch of a present block does nothing; of an absent one, loads it.
+        assert_eq!(c.prefetch(5, ok(PAGE, 3)), Ok(false));
+        assert_eq!(c.prefetch(6, ok(PAGE, 4)), Ok(true));
+        assert_eq!(c.get(6).unwrap()[0], 4);
+        // A failed prefetch leaves nothing behind.
+        assert_eq!(c.prefetch(7, || Err::<Block, _>("bad")), Err("bad"));
+        assert!(!c.contains(7));
+        assert_eq!(c.get_or_load(7, ok(PAGE, 5)).unwrap()[0], 5);
     }
 }
