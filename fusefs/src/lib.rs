@@ -144,6 +144,57 @@ pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Ser
     })
 }
 
+/// Read-ahead `cimg-mount` asks the kernel for (`--read-ahead-kb`): 1 MiB. The kernel's
+/// default for a FUSE mount is 128 KiB; with 1 MiB a cold sequential read of a 1 GiB file went
+/// from 0.76–0.98 to 1.1–1.2 GB/s here (bigger requests, more of them in flight while the
+/// workers decompress). `launch` keeps the default: a start-up mostly faults in pieces of
+/// executables, where a bigger window only decompresses more.
+pub const DEFAULT_READ_AHEAD_KB: u32 = 1024;
+
+/// The device number (`major:minor`) of the filesystem mounted last on `mountpoint` (an
+/// absolute path without symlinks), from `/proc/self/mountinfo`: found without any request
+/// to the filesystem, so it works before the server answers.
+pub fn mounted_device(mountpoint: &Path) -> io::Result<(u32, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    // mountinfo escapes space, tab, newline and backslash as octal.
+    let mut want = Vec::new();
+    for &b in mountpoint.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => want.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+            _ => want.push(b),
+        }
+    }
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    info.split(|&c| c == b'\n')
+        .filter_map(|line| {
+            let mut f = line.split(|&c| c == b' ');
+            let dev = f.nth(2)?;
+            let mp = f.nth(1)?;
+            (mp == want.as_slice()).then_some(dev)
+        })
+        .next_back()
+        .and_then(|dev| {
+            let dev = std::str::from_utf8(dev).ok()?;
+            let (a, b) = dev.split_once(':')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not a mount point", mountpoint.display()),
+            )
+        })
+}
+
+/// Set the kernel read-ahead of the filesystem on device `major:minor` (its bdi's
+/// `read_ahead_kb`; writable by root only).
+pub fn set_read_ahead_kb((major, minor): (u32, u32), kib: u32) -> io::Result<()> {
+    std::fs::write(
+        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
+        format!("{kib}\n"),
+    )
+}
+
 /// The data option string for mount(2) of a FUSE filesystem served on `/dev/fuse` fd `fd`:
 /// for callers that mount it themselves (the launcher, inside its namespaces) and hand the fd
 /// to [`attach_fd`]. The root is a directory; requests from `uid`/`gid` (as the mounting

@@ -180,8 +180,10 @@ fn dev(p: &Path) -> u64 {
 
 fn is_mounted(dir: &Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let dir = dir.to_str().expect("utf-8 path");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+    // (mountinfo writes a space as \040.)
+    let dir = dir.to_str().expect("utf-8 path").replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
 }
 
 /// Unmounts (lazily) on drop if a test failed while mounted.
@@ -523,6 +525,54 @@ fn sigterm_unmounts_cleanly() {
     guard.unmount();
     let st = wait_child(&mut child);
     assert!(st.success(), "server exit status {st}");
+}
+
+/// The mount's kernel read-ahead in KiB.
+fn read_ahead_kb(mnt: &Path) -> u32 {
+    let d = dev(mnt);
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(d),
+        nix::sys::stat::minor(d)
+    );
+    fs::read_to_string(&knob)
+        .expect("read_ahead_kb")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn read_ahead_is_raised_unless_told_not_to() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img) = (tmp.path().join("src"), tmp.path().join("img.cimg"));
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("f"), b"data").expect("write");
+    pack(&src, &img, 12);
+    // A directory name that mountinfo escapes.
+    let mnt = tmp.path().join("a mount");
+    let m = mount(&img, &mnt, &[]);
+    assert_eq!(read_ahead_kb(&mnt), 1024);
+    m.unmount();
+    let m = mount(&img, &mnt, &["--read-ahead-kb", "0"]);
+    assert_eq!(read_ahead_kb(&mnt), 128, "the kernel's default");
+    m.unmount();
+    // In the foreground too, set before the mount answers.
+    let d0 = dev(&mnt);
+    let mut child = Command::new(BIN)
+        .arg(&img)
+        .arg(&mnt)
+        .args(["--foreground", "--read-ahead-kb", "512"])
+        .spawn()
+        .expect("spawn");
+    let guard = Mounted(mnt.clone());
+    wait_until("mount", || dev(&mnt) != d0);
+    assert_eq!(read_ahead_kb(&mnt), 512);
+    guard.unmount();
+    assert!(wait_child(&mut child).success());
 }
 
 #[test]

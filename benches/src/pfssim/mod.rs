@@ -261,8 +261,7 @@ fn set_read_ahead(mp: &Path, kb: u32) -> Result<(), SimError> {
     };
     let dev = std::fs::metadata(mp).map_err(err)?.dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    std::fs::write(&knob, format!("{kb}\n")).map_err(err)
+    cimg_fuse::set_read_ahead_kb((major as u32, minor as u32), kb).map_err(err)
 }
 
 /// Read a stats file written by a simulator.

@@ -1,5 +1,5 @@
 //! `cimg-mount IMG DIR [--foreground] [--threads N] [--workers N] [--cache-size S] [--log FILE]
-//! [--record-hot FILE]`: mount a `.cimg` image read-only on DIR.
+//! [--record-hot FILE] [--read-ahead-kb KIB]`: mount a `.cimg` image read-only on DIR.
 //!
 //! By default it returns once the mount answers, so a script can use DIR on the next line:
 //! it starts itself with `--foreground` as a child in a new session (setsid) and polls until
@@ -48,6 +48,10 @@ struct Args {
     /// Where a background server writes its log lines (default: nowhere once mounted).
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+    /// Kernel read-ahead of the mount in KiB (0: the kernel's default, 128 KiB). Needs root
+    /// (it is the mount's `/sys/class/bdi/*/read_ahead_kb`); otherwise the default stays.
+    #[arg(long, value_name = "KIB", default_value_t = cimg_fuse::DEFAULT_READ_AHEAD_KB)]
+    read_ahead_kb: u32,
     /// Record the order in which files are first read, written to FILE at unmount in the
     /// form `cimg pack --hot` reads.
     #[arg(long, value_name = "FILE")]
@@ -84,7 +88,18 @@ fn foreground(a: &Args) -> anyhow::Result<()> {
     if a.detached {
         nix::unistd::setsid().context("setsid")?;
     }
+    // Resolved now: once mounted, resolving DIR would ask the server, which does not serve yet.
+    let resolved = std::fs::canonicalize(&a.dir);
     let mut server = cimg_fuse::mount(&a.image, &a.dir, &options(a))?;
+    if a.read_ahead_kb > 0 && nix::unistd::geteuid().is_root() {
+        // Before serving, so that it is in place when the mount answers. Best effort.
+        let set = resolved
+            .and_then(|d| cimg_fuse::mounted_device(&d))
+            .and_then(|dev| cimg_fuse::set_read_ahead_kb(dev, a.read_ahead_kb));
+        if let Err(e) = set {
+            cimg_fuse::log(format_args!("{}: read-ahead: {e}", a.dir.display()));
+        }
+    }
     let mut unmounter = server.unmounter();
     let dir = a.dir.clone();
     std::thread::Builder::new()
@@ -158,6 +173,7 @@ fn background(a: &Args) -> anyhow::Result<()> {
     if let Some(w) = a.workers {
         cmd.arg("--workers").arg(w.to_string());
     }
+    cmd.arg("--read-ahead-kb").arg(a.read_ahead_kb.to_string());
     if let Some(f) = &a.record_hot {
         let f = std::path::absolute(f).with_context(|| format!("{}", f.display()))?;
         cmd.arg("--record-hot").arg(f);
