@@ -204,6 +204,24 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// Run `cmd` with no input, its output captured; fail naming the command line and with its
+/// stderr when it does not succeed.
+pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let line = command_line(cmd);
+    let o = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("run {line}"))?;
+    if !o.status.success() {
+        bail!(
+            "`{line}` failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Finds an executable: a path containing `/` is taken as is, otherwise `$PATH` is searched.
 pub fn find_program(name: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

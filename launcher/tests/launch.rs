@@ -754,5 +754,4 @@ fn verbose_and_quiet() {
     );
     let o = launch(&["-q", &img(), "--", "true"]);
     assert_eq!(err(&o), "");
-    std::thread::sleep(Duration::from_millis(1));
 }

@@ -15,7 +15,7 @@
 //! Python. It prints medians, the ratios the launcher issue sets as goals, and the commands.
 
 use anyhow::{Context, Result, bail};
-use cimg_benches::{find_program, median};
+use cimg_benches::{find_program, median, run_quiet};
 use clap::Parser;
 use serde::Serialize;
 use std::ffi::OsString;
@@ -84,21 +84,6 @@ struct Row {
     true_ms: Vec<f64>,
     py_warm_ms: Vec<f64>,
     py_cold_ms: Vec<f64>,
-}
-
-fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
-    let o = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {what}"))?;
-    if !o.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Time one start of `prefix + cmd` (ms); it must succeed.
@@ -209,7 +194,7 @@ fn main() -> Result<()> {
     let mut commands: Vec<String> = Vec::new();
     if args.repack || !img.exists() {
         eprintln!("packing {}", img.display());
-        run_quiet(&mut pack_cmd(&img, None), "cimg pack")?;
+        run_quiet(&mut pack_cmd(&img, None))?;
     }
     commands.push(cimg_benches::command_line(&pack_cmd(&img, None)));
     let mut sq = Command::new(&mksquashfs);
@@ -218,7 +203,7 @@ fn main() -> Result<()> {
         .args(["-comp", "zstd", "-noappend", "-quiet", "-no-progress"]);
     if args.repack || !sqfs.exists() {
         eprintln!("packing {}", sqfs.display());
-        run_quiet(&mut sq, "mksquashfs")?;
+        run_quiet(&mut sq)?;
     }
     commands.push(cimg_benches::command_line(&sq));
     let mut rec = Command::new(&launch);
@@ -230,12 +215,12 @@ fn main() -> Result<()> {
     if args.repack || !img_hot.exists() {
         eprintln!("recording the hot list and packing {}", img_hot.display());
         let _ = std::fs::remove_file(&hot);
-        run_quiet(&mut rec, "launch --record-hot")?;
+        run_quiet(&mut rec)?;
         let t = Instant::now();
         while !hot.exists() && t.elapsed().as_secs() < 10 {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        run_quiet(&mut pack_cmd(&img_hot, Some(&hot)), "cimg pack --hot")?;
+        run_quiet(&mut pack_cmd(&img_hot, Some(&hot)))?;
     }
     commands.push(cimg_benches::command_line(&rec));
     commands.push(cimg_benches::command_line(&pack_cmd(&img_hot, Some(&hot))));

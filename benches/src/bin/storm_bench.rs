@@ -13,7 +13,7 @@
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::pfssim::{Counters, read_stats_file};
-use cimg_benches::{command_line, find_program, human_bytes};
+use cimg_benches::{command_line, find_program, human_bytes, run_quiet};
 use clap::Parser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -106,22 +106,6 @@ struct Args {
     /// mksquashfs binary.
     #[arg(long, default_value = "mksquashfs")]
     mksquashfs: PathBuf,
-}
-
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let line = command_line(cmd);
-    let o = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {line}"))?;
-    if !o.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Mount points under `dir` (from /proc/self/mounts), deepest first.
