@@ -10,9 +10,10 @@
 //! - [`error`]: the one error type, carrying its exit code.
 
 // The entry point is `sys::main`: the C `main` without Rust's runtime set-up, which reads
-// /proc/self/maps to place a stack guard and ignores SIGPIPE, a disposition the container's
-// processes would inherit (`yes | head` would then fail with EPIPE instead of ending
-// quietly). Every launch of a thousand-rank job pays the start-up, so it is kept to the libc's.
+// /proc/self/maps to place a stack guard (every rank of a thousand-node job pays the
+// start-up), and ignores SIGPIPE without a record of the caller's disposition, which the
+// container's processes then inherited (`yes | head` failed with EPIPE instead of ending
+// quietly). launch ignores SIGPIPE itself and gives the app the caller's disposition.
 #![cfg_attr(not(test), no_main)]
 
 mod enter;

@@ -872,6 +872,9 @@ fn app_main(
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
             return Error::other(errno_msg("sigprocmask", e));
         }
+        if let Err(e) = crate::sys::restore_sigpipe() {
+            return Error::other(errno_msg("SIGPIPE", e));
+        }
         if let Err(e) = nix::unistd::chdir(cwd) {
             return Error::setup(errno_msg(format!("cannot change to {}", cwd.display()), e));
         }

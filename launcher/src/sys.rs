@@ -19,7 +19,43 @@ use nix::unistd::{ForkResult, Pid};
 // argc, argv and envp in registers that this function ignores.
 #[unsafe(no_mangle)]
 extern "C" fn main() -> nix::libc::c_int {
+    ignore_sigpipe();
     crate::launch_main()
+}
+
+/// Whether the caller had SIGPIPE ignored when launch started.
+static SIGPIPE_WAS_IGNORED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Ignore SIGPIPE in launch and its FUSE server: a write to a peer's socket or a pipe whose
+/// reader went away is an EPIPE error to handle, not death. The caller's disposition is kept
+/// for the app ([`restore_sigpipe`]).
+#[cfg_attr(test, allow(dead_code))]
+fn ignore_sigpipe() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_IGN (no handler function runs); nothing else in the process
+    // changes SIGPIPE's disposition concurrently (this runs first in main, single-threaded).
+    if let Ok(old) = unsafe { sigaction(Signal::SIGPIPE, &ign) } {
+        SIGPIPE_WAS_IGNORED.store(
+            old.handler() == SigHandler::SigIgn,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// In the app's process before exec: give SIGPIPE back the disposition the caller gave
+/// launch (default, unless the caller ignored it), so `yes | head` in the container ends
+/// quietly as on the host.
+pub fn restore_sigpipe() -> Result<(), Errno> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    if SIGPIPE_WAS_IGNORED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_DFL (no handler function); the app's process is single-threaded
+    // (a fork of the single-threaded launcher) and about to exec.
+    unsafe { sigaction(Signal::SIGPIPE, &dfl) }.map(|_| ())
 }
 
 /// Which side of a fork this is.
