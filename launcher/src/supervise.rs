@@ -338,7 +338,11 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // namespace before anything is mounted in it.
     let me = Pid::this();
     let stage = Path::new(STAGE);
-    let mut server: Option<(Pid, OwnedFd, OwnedFd, OwnedFd)> = None;
+    let mut server: Option<(Pid, OwnedFd, OwnedFd)> = None;
+    // launch's /dev/fuse fd, closed as soon as the server serves: the server's must be the
+    // only one, so that its death aborts the connection (requests in flight then fail
+    // instead of waiting for an answer that never comes, unkillable).
+    let mut fuse_fd: Option<OwnedFd> = None;
     let mut image = None;
     match source {
         Source::Cimg(img) => {
@@ -371,7 +375,8 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 Forked::Parent(pid) => {
                     drop((ready_w, go_r));
                     wait_byte(&ready_r, pid)?;
-                    server = Some((pid, ready_r, fuse, go_w));
+                    server = Some((pid, ready_r, go_w));
+                    fuse_fd = Some(fuse);
                 }
             }
         }
@@ -386,7 +391,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     }
     // The listener now belongs to the server (its copy); the group's name stays bound.
     let group = group.map(|g| (g.tag, g.count, g.image));
-    let kill_server = |server: &Option<(Pid, OwnedFd, OwnedFd, OwnedFd)>| {
+    let kill_server = |server: &Option<(Pid, OwnedFd, OwnedFd)>| {
         if let Some((pid, ..)) = server {
             let _ = kill(*pid, Signal::SIGKILL);
             let _ = waitpid(*pid, None);
@@ -405,11 +410,12 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         } else {
             root_dir.clone()
         };
-        if let Some((pid, ready_r, fuse, go_w)) = &server {
-            enter::mount_fuse(&plan.image, fuse, &lower, in_uid, in_gid)?;
+        if let (Some((pid, ready_r, go_w)), Some(fuse)) = (&server, fuse_fd.take()) {
+            enter::mount_fuse(&plan.image, &fuse, &lower, in_uid, in_gid)?;
             // /dev/fuse can be read only once it is mounted: now the server may start.
             nix::unistd::write(go_w, b"g").map_err(|e| Error::other(errno_msg("pipe", e)))?;
             wait_byte(ready_r, *pid)?;
+            drop(fuse);
             log.v(|| "FUSE server answered".into());
         }
         if let Some(dir) = &image {

@@ -576,8 +576,11 @@ fn signals_reach_the_app() {
         let script = format!(
             "trap 'echo got {sig}; exit {num}' {sig}; echo ready; while :; do sleep 0.05; done"
         );
-        let mut child = Command::new(LAUNCH)
-            .args([&img(), "--", "sh", "-c", &script])
+        // (A shell cannot trap a signal ignored when it started: the caller's dispositions,
+        // e.g. under nohup, are reset for launch and so for the app.)
+        let mut child = Command::new("env")
+            .arg(format!("--default-signal={sig}"))
+            .args([LAUNCH, &img(), "--", "sh", "-c", &script])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -633,12 +636,18 @@ fn a_daemon_outlives_the_app_and_then_everything_goes() {
 /// Start `sleep` in a container of a private copy of the image; returns (launch child, the
 /// app's pid, the server's pid, image path).
 fn sleeping_container(tag: &str) -> (std::process::Child, u32, u32, String) {
+    running_container(tag, "echo $$; exec sleep 30")
+}
+
+/// A container running `script` (which first prints its pid) on a copy of the image:
+/// (launch, the app's pid, the server's pid, the image copy).
+fn running_container(tag: &str, script: &str) -> (std::process::Child, u32, u32, String) {
     let f = fixture();
     let img = f.work.join(format!("{tag}-{}.cimg", std::process::id()));
     fs::copy(&f.image, &img).unwrap();
     let i = img.display().to_string();
     let mut child = Command::new(LAUNCH)
-        .args([&i, "--", "sh", "-c", "echo $$; exec sleep 30"])
+        .args([&i, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -713,6 +722,41 @@ fn sigkill_of_the_server_leaves_nothing() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(125));
     gone(&i);
+}
+
+/// The server dies while the app's requests are in flight (each new name is a lookup that
+/// reaches it): they must fail, not wait forever for an answer (launch held a second
+/// /dev/fuse fd, which kept the connection alive and the app unkillable in D state).
+#[test]
+fn sigkill_of_the_server_during_requests_leaves_nothing() {
+    if !capable() {
+        return;
+    }
+    for round in 0..3 {
+        let (mut child, _app, server, i) = running_container(
+            &format!("kill-busy-server-{round}"),
+            "echo $$; i=0; while :; do i=$((i+1)); test -e /nx$i; done",
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "launch still waits 20 s after the server was killed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(st.code(), Some(125));
+        gone(&i);
+    }
 }
 
 #[test]
