@@ -232,52 +232,6 @@ fn workspace_binary(name: &str) -> PathBuf {
     p
 }
 
-/// A usrmerged root holding `programs` from the host and the libraries `ldd` lists for them.
-fn host_programs_rootfs(root: &Path, programs: &[&str]) {
-    use std::os::unix::fs::symlink;
-    for d in [
-        "etc",
-        "dev",
-        "proc",
-        "sys",
-        "tmp",
-        "usr/bin",
-        "usr/lib",
-        "usr/lib64",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    for (l, t) in [
-        ("bin", "usr/bin"),
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-    ] {
-        symlink(t, root.join(l)).unwrap();
-    }
-    let mut libs = std::collections::BTreeSet::new();
-    for p in programs {
-        let src = cimg_benches::find_program(Path::new(p)).expect("host program");
-        std::fs::copy(&src, root.join("usr/bin").join(p)).unwrap();
-        let o = std::process::Command::new("ldd")
-            .arg(&src)
-            .output()
-            .unwrap();
-        for tok in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            if tok.starts_with('/') {
-                libs.insert(PathBuf::from(tok));
-            }
-        }
-    }
-    for l in libs {
-        let rel = l.strip_prefix("/").unwrap();
-        let dst = root
-            .join("usr")
-            .join(rel.strip_prefix("usr").unwrap_or(rel));
-        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        std::fs::copy(&l, &dst).unwrap();
-    }
-}
-
 /// The cimg goal of the metadata-storm issue, on the simulator with zero TTLs (every path
 /// walk and stat reaches it): a launch costs at most 5 metadata operations on the parallel
 /// filesystem whatever the container does, here `/bin/true` and reading every file of the
@@ -289,7 +243,10 @@ fn launch_costs_at_most_five_metadata_operations() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rootfs = dir.path().join("rootfs");
-    host_programs_rootfs(&rootfs, &["true", "sh", "cat", "find"]);
+    cimg_tests::host_programs_tree(&rootfs, &["true", "sh", "cat", "find"]);
+    for d in ["dev", "proc", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
     std::fs::create_dir_all(dir.path().join("back")).unwrap();
     let image = dir.path().join("back/img.cimg");
     let opts = cimg_format::PackOptions {

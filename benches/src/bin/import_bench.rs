@@ -13,14 +13,14 @@
 use anyhow::{Context, Result, bail};
 use cimg_benches::{
     Measurement, Synth, TreeStats, cimg_binary, command_line, cores, file_size, find_program,
-    human_bytes, measure, median, parse_size, read_tree,
+    human_bytes, measure, median, parse_size, read_tree, run_quiet,
 };
 use clap::Parser;
 use serde::Serialize;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 /// mksquashfs's zstd level when `-Xcompression-level` is not given.
@@ -92,22 +92,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn sh(cmd: &mut Command) -> Result<()> {
-    let line = command_line(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 fn is_root() -> bool {
@@ -313,15 +297,15 @@ fn image(args: &Args, umoci: &Path) -> Result<PathBuf> {
     remove_all(&layout)?;
     fs::create_dir_all(&args.work_dir)?;
     let tagged = format!("{}:{}", layout.display(), args.tag);
-    sh(Command::new(umoci).args(["init", "--layout"]).arg(&layout))?;
-    sh(Command::new(umoci).args(["new", "--image", &tagged]))?;
+    run_quiet(Command::new(umoci).args(["init", "--layout"]).arg(&layout))?;
+    run_quiet(Command::new(umoci).args(["new", "--image", &tagged]))?;
     let bundle = args.work_dir.join("build-bundle");
     let mut syn = Synth::new(args.seed);
     let host_budget = args.size * 55 / 100;
     let per_host = host_budget / args.host_dirs.len().max(1) as u64;
     for layer in 1..=3 {
         remove_all(&bundle)?;
-        sh(&mut umoci_unpack(umoci, &layout, &args.tag, &bundle))?;
+        run_quiet(&mut umoci_unpack(umoci, &layout, &args.tag, &bundle))?;
         let root = bundle.join("rootfs");
         let what = match layer {
             1 => {
@@ -351,12 +335,14 @@ fn image(args: &Args, umoci: &Path) -> Result<PathBuf> {
             }
         };
         eprintln!("import-bench: layer {layer}: {what}");
-        sh(Command::new(umoci)
-            .args(["repack", "--image", &tagged])
-            .arg(&bundle))?;
+        run_quiet(
+            Command::new(umoci)
+                .args(["repack", "--image", &tagged])
+                .arg(&bundle),
+        )?;
     }
     remove_all(&bundle)?;
-    sh(Command::new(umoci).args([
+    run_quiet(Command::new(umoci).args([
         "config",
         "--image",
         &tagged,
@@ -366,7 +352,7 @@ fn image(args: &Args, umoci: &Path) -> Result<PathBuf> {
         "/srv/app",
     ]))?;
     // Drop the blobs of the intermediate images.
-    sh(Command::new(umoci).args(["gc", "--layout"]).arg(&layout))?;
+    run_quiet(Command::new(umoci).args(["gc", "--layout"]).arg(&layout))?;
     fs::write(&stamp, params)?;
     eprintln!(
         "import-bench: image built in {:.0} s",

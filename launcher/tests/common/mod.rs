@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -109,30 +109,12 @@ fn which(p: &str) -> Option<PathBuf> {
 /// mount points; a setuid-root copy of `id`.
 pub fn make_rootfs(root: &Path) {
     for d in [
-        "etc",
-        "dev",
-        "proc",
-        "sys",
-        "tmp",
-        "home",
-        "root",
-        "mnt",
-        "usr/bin",
-        "usr/lib",
-        "usr/lib64",
-        "srv/work",
+        "etc", "dev", "proc", "sys", "tmp", "home", "root", "mnt", "srv/work",
     ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
-    for (l, t) in [
-        ("bin", "usr/bin"),
-        ("sbin", "usr/bin"),
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-    ] {
-        symlink(t, root.join(l)).unwrap();
-    }
+    cimg_tests::host_programs_tree(root, PROGRAMS);
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:image root:/root:/bin/sh\n",
@@ -142,26 +124,6 @@ pub fn make_rootfs(root: &Path) {
     fs::write(root.join("etc/hosts"), "127.0.0.1 image-hosts\n").unwrap();
     fs::write(root.join("etc/resolv.conf"), "# image\n").unwrap();
     fs::write(root.join("srv/work/marker"), "in the image\n").unwrap();
-    let mut libs = std::collections::BTreeSet::new();
-    for p in PROGRAMS {
-        let Some(src) = which(p) else {
-            panic!("the test image needs {p} on the host");
-        };
-        fs::copy(&src, root.join("usr/bin").join(p)).unwrap();
-        let o = Command::new("ldd").arg(&src).output().unwrap();
-        for tok in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            if tok.starts_with('/') {
-                libs.insert(PathBuf::from(tok));
-            }
-        }
-    }
-    for l in libs {
-        let rel = l.strip_prefix("/").unwrap();
-        let rel = rel.strip_prefix("usr").unwrap_or(rel);
-        let dst = root.join("usr").join(rel);
-        fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        fs::copy(&l, &dst).unwrap();
-    }
     fs::copy(root.join("usr/bin/id"), root.join("usr/bin/suid-id")).unwrap();
     fs::set_permissions(
         root.join("usr/bin/suid-id"),
