@@ -87,6 +87,15 @@ pub struct FsOptions {
     /// Off for a short container start on few cores, where decompressing blocks nobody asks
     /// for takes the CPU from the application (measured by the launcher's benchmark).
     pub read_ahead: bool,
+    /// Push the rest of a freshly decompressed block into the kernel's page cache
+    /// (FUSE_NOTIFY_STORE, on its own thread). Off in `launch`: the kernel takes page locks
+    /// for a store without a way to interrupt it, so a store into pages that a read in flight
+    /// has locked waits for that read's answer; if the server is SIGKILLed then, the storing
+    /// thread can never exit, the dying server keeps its `/dev/fuse` fds, and the container
+    /// hangs (seen in CI). `cimg-mount` keeps it: it pays for small random reads, and a
+    /// SIGKILLed daemon in that state is freed by aborting the connection (`umount -f`, or
+    /// `/sys/fs/fuse/connections/N/abort`).
+    pub store: bool,
     /// Record the order in which regular files are first read, and write it here (one path
     /// per line, as `cimg pack --hot` reads it) when the filesystem is unmounted.
     pub record_hot: Option<PathBuf>,
@@ -100,6 +109,7 @@ impl Default for FsOptions {
             zero_open: true,
             prefetch_hot: true,
             read_ahead: true,
+            store: true,
             record_hot: None,
         }
     }

@@ -112,6 +112,19 @@ fn config(image_name: &str, opts: &MountOptions) -> fuser::Config {
     cfg
 }
 
+/// The queue of page-cache pushes, if `opts` want them ([`FsOptions::store`]).
+fn store_channel(
+    fs: &CimgFs,
+    opts: &MountOptions,
+) -> Option<crossbeam_channel::Receiver<fs::StoreJob>> {
+    if !opts.fs.store {
+        return None;
+    }
+    let (tx, rx) = crossbeam_channel::bounded(STORE_QUEUE);
+    fs.set_store(tx);
+    Some(rx)
+}
+
 /// Start the thread that pushes freshly decompressed blocks into the kernel page cache.
 fn start_store(
     session: &fuser::Session<CimgFs>,
@@ -129,15 +142,16 @@ fn start_store(
 pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
     let img = cimg_format::Image::open(image)?;
     let fs = CimgFs::new(img, opts.fs.clone());
-    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
-    fs.set_store(store_tx);
+    let store_rx = store_channel(&fs, opts);
     let cfg = config(&image.display().to_string(), opts);
     let mount_err = |err| MountError::Mount {
         mountpoint: mountpoint.to_path_buf(),
         err,
     };
     let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(mount_err)?;
-    start_store(&session, store_rx).map_err(mount_err)?;
+    if let Some(rx) = store_rx {
+        start_store(&session, rx).map_err(mount_err)?;
+    }
     Ok(Server {
         session,
         mountpoint: mountpoint.to_path_buf(),
@@ -221,8 +235,7 @@ pub fn attach_fd(
     opts: &MountOptions,
 ) -> Result<Server, MountError> {
     let fs = CimgFs::new(img, opts.fs.clone());
-    let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE);
-    fs.set_store(store_tx);
+    let store_rx = store_channel(&fs, opts);
     let cfg = config(&name.display().to_string(), opts);
     let acl = cfg.acl;
     let mount_err = |err| MountError::Mount {
@@ -230,7 +243,9 @@ pub fn attach_fd(
         err,
     };
     let session = fuser::Session::from_fd(fs, fd, acl, cfg).map_err(mount_err)?;
-    start_store(&session, store_rx).map_err(mount_err)?;
+    if let Some(rx) = store_rx {
+        start_store(&session, rx).map_err(mount_err)?;
+    }
     Ok(Server {
         session,
         mountpoint: name.to_path_buf(),

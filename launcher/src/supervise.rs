@@ -361,6 +361,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             // The image's hot list is still prefetched (it is what the start-up reads);
             // speculative read-ahead only with --read-ahead.
             opts.fs.read_ahead = plan.read_ahead;
+            // No page-cache pushes: with them a SIGKILLed server can hang the container
+            // (see `FsOptions::store`).
+            opts.fs.store = false;
             opts.fs.record_hot = record_hot.clone();
             match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
                 Forked::Child => {
