@@ -343,6 +343,8 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // only one, so that its death aborts the connection (requests in flight then fail
     // instead of waiting for an answer that never comes, unkillable).
     let mut fuse_fd: Option<OwnedFd> = None;
+    // The FUSE mount's root (O_PATH), to ask whether the connection is still alive.
+    let mut fuse_root: Option<OwnedFd> = None;
     let mut image = None;
     match source {
         Source::Cimg(img) => {
@@ -415,6 +417,12 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         };
         if let (Some((pid, ready_r, go_w)), Some(fuse)) = (&server, fuse_fd.take()) {
             enter::mount_fuse(&plan.image, &fuse, &lower, in_uid, in_gid)?;
+            fuse_root = nix::fcntl::open(
+                &lower,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ok();
             // /dev/fuse can be read only once it is mounted: now the server may start.
             nix::unistd::write(go_w, b"g").map_err(|e| Error::other(errno_msg("pipe", e)))?;
             wait_byte(ready_r, *pid)?;
@@ -614,7 +622,8 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    supervise(&sfd, app, server.as_ref().map(|s| s.0), conn.as_ref(), &log)
+    let server = server.as_ref().map(|s| (s.0, fuse_root));
+    supervise(&sfd, app, server, conn.as_ref(), &log)
 }
 
 /// Run the command in a container that exists: a group's (through a peer inside) or a
@@ -902,10 +911,14 @@ fn app_main(
 fn supervise(
     sfd: &SignalFd,
     app: Pid,
-    server: Option<Pid>,
+    server: Option<(Pid, Option<OwnedFd>)>,
     conn: Option<&OwnedFd>,
     log: &Log,
 ) -> Result<i32, Error> {
+    let (server, fuse_root) = match server {
+        Some((pid, root)) => (Some(pid), root),
+        None => (None, None),
+    };
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let pgrp = getpgrp();
     let mut server_died: Option<String> = None;
@@ -973,14 +986,31 @@ fn supervise(
             }
         }
         if let Some(code) = app_status {
-            // The app may have been killed because the image went away (another peer saw
-            // it first): say so rather than pass on the SIGKILL.
-            // (Only a SIGKILLed app waits, briefly, for the server's end to show.)
-            let wait = if code == 128 + Signal::SIGKILL as i32 {
+            // The app may have died because the image went away — by the aborted mount
+            // itself (SIGBUS on a mapped page, an exec or read error) or killed by a peer
+            // that saw it first (SIGKILL) — while the server's end has not shown yet. Say
+            // so rather than pass on the app's status: after an abnormal end, ask the mount
+            // (a statfs reaches the server; ENOTCONN once the connection is gone) and then
+            // give the server's exit a moment to be seen.
+            let abnormal = code != 0;
+            let gone = abnormal
+                && fuse_root
+                    .as_ref()
+                    .is_some_and(|r| matches!(nix::sys::statfs::fstatfs(r), Err(Errno::ENOTCONN)));
+            let wait = if gone || code == 128 + Signal::SIGKILL as i32 {
                 std::time::Duration::from_millis(200)
             } else {
                 std::time::Duration::ZERO
             };
+            if server_died.is_none()
+                && let Some(pid) = server
+                && let Some(how) = exited_within(pid, wait)
+            {
+                server_died = Some(format!(
+                    "the FUSE server ended ({how}); the container was killed"
+                ));
+                kill_container(app);
+            }
             if server_died.is_none()
                 && let Some(c) = conn
                 && join::closed_within(c.as_fd(), wait)
@@ -988,10 +1018,29 @@ fn supervise(
                 server_died =
                     Some("the group's FUSE server ended; the container was killed".into());
             }
+            if server_died.is_none() && gone {
+                server_died = Some("the FUSE connection is gone; the container was killed".into());
+                kill_container(app);
+            }
             return match server_died {
                 Some(why) => Err(Error::other(why)),
                 None => Ok(code),
             };
+        }
+    }
+}
+
+/// Whether process `pid` (a child) ends within `wait` (polled every millisecond); how.
+fn exited_within(pid: Pid, wait: std::time::Duration) -> Option<String> {
+    let start = std::time::Instant::now();
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => return Some(format!("exit status {c}")),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Some(format!("signal {s}")),
+            Ok(_) if start.elapsed() < wait => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            _ => return None,
         }
     }
 }
