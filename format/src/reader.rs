@@ -1270,8 +1270,15 @@ impl<R: ReadAt> Image<R> {
                 offset: off,
                 why: format!("read of {}: {e}", self.label.display()),
             })?;
+        self.check_stored(idx, buf)
+    }
+
+    /// Verify that `stored` are block `idx`'s stored bytes (length and checksum), e.g. a
+    /// slice of a larger read that covered several blocks.
+    pub fn check_stored(&self, idx: u32, stored: &[u8]) -> Result<()> {
+        let (off, st, _) = self.block_info(idx)?;
         let sum = self.block_table()[idx as usize].checksum.get();
-        if xxh3_64(buf) != sum {
+        if stored.len() != st as usize || xxh3_64(stored) != sum {
             return Err(Error::BadBlock {
                 block: idx,
                 offset: off,

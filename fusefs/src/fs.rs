@@ -194,16 +194,28 @@ impl Inner {
         thread_local! {
             static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        STORED.with(|s| {
+            let mut stored = s.borrow_mut();
+            self.img.read_stored(idx, &mut stored)?;
+            self.decode(idx, &stored)
+        })
+    }
+
+    /// Block `idx` from its stored bytes, already read (the hot-list prefetch reads many
+    /// blocks at once): verified, then decompressed like [`Inner::load`].
+    fn load_from(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
+        self.img.check_stored(idx, stored)?;
+        self.decode(idx, stored)
+    }
+
+    /// Decompress block `idx`'s verified stored bytes into a page-aligned buffer.
+    fn decode(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
         let (_, _, raw) = self.img.block_info(idx)?;
         let mut block = self.cache.alloc(raw as usize).map_err(|err| Error::Io {
             path: "anonymous memory for a block".into(),
             err,
         })?;
-        STORED.with(|s| {
-            let mut stored = s.borrow_mut();
-            self.img.read_stored(idx, &mut stored)?;
-            self.img.decode_block(idx, &stored, block.as_mut_slice())
-        })?;
+        self.img.decode_block(idx, stored, block.as_mut_slice())?;
         Ok(block)
     }
 
@@ -788,8 +800,8 @@ const fn libc_o_trunc() -> i32 {
     0o1000
 }
 
-/// Read the hot blocks' stored range in 4 MiB pieces (one streaming read through the page
-/// cache) and decompress each piece's blocks, up to half the cache, on this thread in the
+/// Read the hot blocks' stored range in 4 MiB pieces and decompress each piece's blocks from
+/// the bytes read (verified like any other), up to half the cache, on this thread in the
 /// idle scheduling class: it uses the CPU the container leaves idle (while launch sets up,
 /// while the application waits on I/O) instead of competing with it; a read of a block it is
 /// still decompressing does not wait for it ([`BlockCache::prefetch`]). It yields after each
@@ -841,8 +853,15 @@ fn prefetch_hot(inner: &Inner, hot: u64) {
             return;
         }
         for b in first..idx {
-            // Errors are reported to the reader that needs the block.
-            let _ = inner.cache.prefetch(b, || inner.load(b));
+            let Ok((off, stored, _)) = inner.img.block_info(b) else {
+                return;
+            };
+            let at = (off - start) as usize;
+            let Some(bytes) = buf.get(at..at + stored as usize) else {
+                return;
+            };
+            // Errors are reported to the reader that needs the block (it reads it again).
+            let _ = inner.cache.prefetch(b, || inner.load_from(b, bytes));
             std::thread::yield_now();
         }
     }
