@@ -222,6 +222,12 @@ pub fn run_quiet(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// [`find_program`], or an error naming the Debian package that provides it.
+pub fn require_program(name: &Path, package: &str) -> Result<PathBuf> {
+    find_program(name)
+        .with_context(|| format!("{} not found (apt-get install {package})", name.display()))
+}
+
 /// Finds an executable: a path containing `/` is taken as is, otherwise `$PATH` is searched.
 pub fn find_program(name: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

@@ -15,7 +15,7 @@
 //! Python. It prints medians, the ratios the launcher issue sets as goals, and the commands.
 
 use anyhow::{Context, Result, bail};
-use cimg_benches::{find_program, median, run_quiet};
+use cimg_benches::{median, require_program, run_quiet};
 use clap::Parser;
 use serde::Serialize;
 use std::ffi::OsString;
@@ -147,18 +147,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let launch = cimg_benches::sibling_binary("launch", args.launch.as_deref())?;
     let cimg = cimg_benches::sibling_binary("cimg", args.cimg.as_deref())?;
-    let ch_run = find_program(&args.ch_run).with_context(|| {
-        format!(
-            "{} not found (apt-get install charliecloud)",
-            args.ch_run.display()
-        )
-    })?;
-    let mksquashfs = find_program(&args.mksquashfs).with_context(|| {
-        format!(
-            "{} not found (apt-get install squashfs-tools)",
-            args.mksquashfs.display()
-        )
-    })?;
+    let ch_run = require_program(&args.ch_run, "charliecloud")?;
+    let mksquashfs = require_program(&args.mksquashfs, "squashfs-tools")?;
     let rootfs = &args.rootfs;
     if !rootfs.join("usr/bin/python3").exists() {
         bail!(
