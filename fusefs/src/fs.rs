@@ -806,8 +806,8 @@ const fn libc_o_trunc() -> i32 {
 /// while the application waits on I/O) instead of competing with it; a read of a block it is
 /// still decompressing does not wait for it ([`BlockCache::prefetch`]). It yields after each
 /// block: the kernel (6.18 in a 2-vCPU VM, measured with `perf sched timehist`) let a woken
-/// task wait up to 3 ms behind it, which made `launch img-hot.cimg -- /bin/true` 22 ms
-/// instead of 13 without the prefetch; yielding brought it to 15.5.
+/// task wait up to 3 ms behind it (`perf stat -r 30 launch img-hot.cimg -- /bin/true`: 21.6 ms,
+/// 12.7 without the prefetch, 15.5 yielding; launch-bench before/after: 23.6 → 14.6 ms).
 fn prefetch_hot(inner: &Inner, hot: u64) {
     const CHUNK: u64 = 4 << 20;
     // Best effort: without it the prefetch runs at the normal priority.
