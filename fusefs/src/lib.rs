@@ -56,9 +56,14 @@ impl Default for MountOptions {
 /// What can go wrong mounting or serving. Messages name the file concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    /// The image does not open or validate (the message names it).
-    #[error("{0}")]
-    Image(#[from] cimg_format::Error),
+    /// The image does not open or validate.
+    #[error("{}: {err}", image.display())]
+    Image {
+        /// Which image.
+        image: PathBuf,
+        /// Why.
+        err: cimg_format::Error,
+    },
     /// The mount itself failed.
     #[error("{}: mount: {err}", mountpoint.display())]
     Mount {
@@ -140,7 +145,10 @@ fn start_store(
 /// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
 /// done when this returns; requests are answered once the server runs.
 pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
-    let img = cimg_format::Image::open(image)?;
+    let img = cimg_format::Image::open(image).map_err(|err| MountError::Image {
+        image: image.to_path_buf(),
+        err,
+    })?;
     let fs = CimgFs::new(img, opts.fs.clone());
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&image.display().to_string(), opts);

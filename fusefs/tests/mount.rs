@@ -594,6 +594,9 @@ fn bad_image_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("cimg-mount: "), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+    // Names the image, says what is wrong once (no error chain repeating itself).
+    assert!(err.contains(&not_image.display().to_string()), "{err}");
+    assert_eq!(err.matches("corrupt image").count(), 1, "{err}");
     assert!(!is_mounted(&mnt));
 }
 

@@ -2,19 +2,21 @@
 //! [--record-hot FILE] [--read-ahead-kb KIB]`: mount a `.cimg` image read-only on DIR.
 //!
 //! By default it returns once the mount answers, so a script can use DIR on the next line:
-//! it starts itself with `--foreground` as a child in a new session (setsid) and polls until
-//! DIR's device changes (or the child fails, whose message it passes on). The server stops
+//! it starts itself with `--foreground` as a child in a new session (setsid), which says on a
+//! pipe when DIR is mounted, and returns after one stat of DIR has been answered (or the child
+//! fails, whose message it passes on). The server stops
 //! when DIR is unmounted (`umount DIR`, `fusermount3 -u DIR`) or on SIGTERM/SIGINT/SIGHUP, on
 //! which it unmounts DIR itself. Errors are one line, `cimg-mount: what: why`, exit status 1.
 
 use anyhow::{Context, bail};
 use cimg_fuse::MountOptions;
 use clap::Parser;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ChildStdout, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the default mode waits for the server to answer.
@@ -100,6 +102,11 @@ fn foreground(a: &Args) -> anyhow::Result<()> {
             cimg_fuse::log(format_args!("{}: read-ahead: {e}", a.dir.display()));
         }
     }
+    if a.detached {
+        // Tell the waiting parent (see `background`). Nothing else is written to stdout.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{READY_LINE}").and_then(|()| out.flush());
+    }
     let mut unmounter = server.unmounter();
     let dir = a.dir.clone();
     std::thread::Builder::new()
@@ -144,12 +151,6 @@ fn lazy_unmount(dir: &Path) {
     }
 }
 
-fn dev_of(dir: &Path) -> anyhow::Result<u64> {
-    Ok(std::fs::metadata(dir)
-        .with_context(|| format!("{}", dir.display()))?
-        .dev())
-}
-
 fn background(a: &Args) -> anyhow::Result<()> {
     let image =
         std::fs::canonicalize(&a.image).with_context(|| format!("{}", a.image.display()))?;
@@ -157,7 +158,6 @@ fn background(a: &Args) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
-    let dev0 = dev_of(&dir)?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg(&image)
@@ -188,14 +188,38 @@ fn background(a: &Args) -> anyhow::Result<()> {
         ),
         None => Stdio::piped(),
     };
+    // The child says on its stdout when DIR is mounted; its end of file before that means
+    // it failed (its stderr says why).
     cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(stderr)
         .current_dir("/");
     let mut child = cmd.spawn().context("starting the server")?;
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the server")? {
+    let mounted = child
+        .stdout
+        .take()
+        .map(|out| wait_for_line(out, READY_TIMEOUT))
+        .transpose()
+        .context("waiting for the server")?
+        .flatten();
+    match mounted.as_deref() {
+        Some(READY_LINE) => {
+            // Mounted; the first request waits for the server's answer to the kernel's INIT,
+            // so that DIR answers when we return.
+            std::fs::metadata(&dir).with_context(|| format!("{}", dir.display()))?;
+            Ok(())
+        }
+        Some(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{}: the server did not answer within {} s",
+                dir.display(),
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        None => {
+            let status = child.wait().context("waiting for the server")?;
             let mut msg = String::new();
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut msg);
@@ -210,19 +234,43 @@ fn background(a: &Args) -> anyhow::Result<()> {
             eprint!("{msg}");
             std::process::exit(1);
         }
-        if dev_of(&dir)? != dev0 {
-            return Ok(());
+    }
+}
+
+/// What the detached server writes to its stdout once DIR is mounted.
+const READY_LINE: &str = "mounted";
+
+/// The first line of `out` (`None` at end of file before one), or an empty line if none came
+/// within `timeout`.
+fn wait_for_line(out: ChildStdout, timeout: Duration) -> std::io::Result<Option<String>> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut out = out;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) if left.is_zero() => return Ok(Some(String::new())),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        if start.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "{}: the server did not answer within {} s",
-                dir.display(),
-                READY_TIMEOUT.as_secs()
-            );
+        let mut buf = [0u8; 64];
+        let n = match out.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(None);
         }
-        std::thread::sleep(Duration::from_millis(1));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.iter().position(|&b| b == b'\n') {
+            return Ok(Some(String::from_utf8_lossy(&got[..end]).into_owned()));
+        }
     }
 }
 
