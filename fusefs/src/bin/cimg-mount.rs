@@ -158,6 +158,11 @@ fn background(a: &Args) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
+    // The child's start overlaps the first read of the image's metadata (cold: 2–3 ms for
+    // 0.9 MiB here, more on a parallel filesystem). The child reports any error.
+    if let Ok(f) = std::fs::File::open(&image) {
+        let _ = cimg_format::advise_metadata(&f);
+    }
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg(&image)
