@@ -99,6 +99,10 @@ pub struct FsOptions {
     /// Record the order in which regular files are first read, and write it here (one path
     /// per line, as `cimg pack --hot` reads it) when the filesystem is unmounted.
     pub record_hot: Option<PathBuf>,
+    /// The program about to be started on this mount: when the workers start, its file, ELF
+    /// interpreter and shared libraries are found ([`crate::exec`]) and their blocks
+    /// decompressed ahead on the workers (at most half the cache).
+    pub exec: Option<crate::exec::ExecHint>,
 }
 
 impl Default for FsOptions {
@@ -111,6 +115,7 @@ impl Default for FsOptions {
             read_ahead: true,
             store: true,
             record_hot: None,
+            exec: None,
         }
     }
 }
@@ -405,6 +410,57 @@ impl ReadJob {
     }
 }
 
+/// Decompress ahead, on the workers, the blocks of the files a start of `hint`'s program
+/// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The files the search
+/// looks inside are read here through the cache (a block a worker or a reader is already
+/// loading is waited for, not loaded twice).
+fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, budget: u64) {
+    let left = std::cell::Cell::new(budget);
+    // Files over what is left of the budget: neither queued nor looked inside.
+    let skipped = RefCell::new(HashSet::new());
+    crate::exec::exec_files(
+        &inner.img,
+        hint,
+        |ino, size| {
+            if size > left.get() {
+                skipped.borrow_mut().insert(ino);
+                return;
+            }
+            left.set(left.get() - size);
+            let Ok(extents) = inner.img.extents(ino) else {
+                return;
+            };
+            let mut last = None;
+            for b in extents.filter_map(|e| e.block) {
+                if last != Some(b) && !inner.cache.contains(b) {
+                    // Blocking: the workers take reads first; a full queue waits for them.
+                    if tx.send(b).is_err() {
+                        return;
+                    }
+                }
+                last = Some(b);
+            }
+        },
+        |ino, size| {
+            if skipped.borrow().contains(&ino) {
+                return None;
+            }
+            let mut out = Vec::with_capacity(size as usize);
+            for e in inner.img.extents(ino).ok()? {
+                match e.block {
+                    None => out.resize(out.len() + e.len as usize, 0),
+                    Some(b) => {
+                        let block = inner.block(b, Some(ino)).ok()?;
+                        let start = e.block_offset as usize;
+                        out.extend_from_slice(block.get(start..start + e.len as usize)?);
+                    }
+                }
+            }
+            Some(out)
+        },
+    );
+}
+
 /// A worker: answers read jobs first, prefetches when there are none; stops when the
 /// filesystem is dropped (either channel disconnects).
 fn worker(inner: &Inner, jobs: &Receiver<ReadJob>, prefetch: &Receiver<u32>) {
@@ -641,6 +697,13 @@ impl CimgFs {
             std::thread::Builder::new()
                 .name(format!("cimg-worker-{i}"))
                 .spawn(move || worker(&inner, &jobs, &rx))?;
+        }
+        if let (Some(hint), Some(tx)) = (self.opts.exec.clone(), self.tx.clone()) {
+            let inner = self.inner.clone();
+            let budget = self.opts.cache_size / 2;
+            std::thread::Builder::new()
+                .name("cimg-exec".into())
+                .spawn(move || prefetch_exec(&inner, &hint, &tx, budget))?;
         }
         let hot = self.inner.img.summary().hot_blocks;
         if self.opts.prefetch_hot && hot > 0 {

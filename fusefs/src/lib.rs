@@ -5,6 +5,8 @@
 //!   operation, EROFS for every write, kernel caching used fully; reads that need a block
 //!   loaded, sequential prefetch and hot-list prefetch go to a worker pool; `--record-hot`).
 //! - [`cache`]: the bounded, sharded, coalescing block cache.
+//! - [`exec`]: the files a program's start reads (program, ELF interpreter, libraries), for
+//!   the server to decompress ahead.
 //! - [`mount`] / [`Server`]: mount an image and serve it, in this thread ([`Server::run`]) or
 //!   in the background ([`Server::spawn`]). Several event loops run, each on its own cloned
 //!   `/dev/fuse` fd (`Config { n_threads, clone_fd: true }`). As root (or in a user namespace
@@ -16,6 +18,7 @@
 //! systems; this test machine has 0600, where no unprivileged FUSE mount works).
 
 pub mod cache;
+pub mod exec;
 pub mod fs;
 
 pub use fs::{CimgFs, FsOptions};

@@ -1,0 +1,153 @@
+//! The files a program's start reads, found in a real image of host programs
+//! ([`cimg_fuse::exec`]).
+
+use cimg_format::{Image, PackOptions, pack_dir};
+use cimg_fuse::exec::{ExecHint, exec_files, resolve_file};
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Pack `root` and open it.
+fn image_of(root: &Path, out: &Path) -> Image {
+    pack_dir(root, out, &PackOptions::default(), &|_, _| {}).expect("pack");
+    Image::open(out).expect("open")
+}
+
+/// Every regular file of the image, by inode, with its path.
+fn paths(img: &Image) -> BTreeMap<u32, PathBuf> {
+    let mut m = BTreeMap::new();
+    img.walk(|p, e| {
+        m.insert(e.ino, PathBuf::from(std::ffi::OsStr::from_bytes(p)));
+        Ok(())
+    })
+    .expect("walk");
+    m
+}
+
+/// The paths `exec_files` finds for `hint`, in order, reading files whole.
+fn found(img: &Image, hint: &ExecHint) -> Vec<PathBuf> {
+    let names = paths(img);
+    let mut out = Vec::new();
+    exec_files(
+        img,
+        hint,
+        |ino, _| out.push(names[&ino].clone()),
+        |ino, size| {
+            let mut buf = vec![0u8; size as usize];
+            let n = img.read_at(ino, 0, &mut buf).ok()?;
+            buf.truncate(n);
+            Some(buf)
+        },
+    );
+    out
+}
+
+fn hint(cmd: &str) -> ExecHint {
+    ExecHint {
+        candidates: cimg_tests_candidates(cmd),
+        cwd: PathBuf::from("/"),
+        library_path: Vec::new(),
+    }
+}
+
+fn cimg_tests_candidates(cmd: &str) -> Vec<PathBuf> {
+    if cmd.contains('/') {
+        return vec![PathBuf::from(cmd)];
+    }
+    ["/usr/local/bin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(cmd))
+        .collect()
+}
+
+#[test]
+fn finds_the_program_its_interpreter_and_libraries() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    cimg_tests::host_programs_tree(&root, &["true", "sh"]);
+    // A script whose interpreter is reached through the /bin link.
+    std::fs::write(root.join("usr/bin/script"), "#!/bin/sh -e\ntrue\n").expect("script");
+    // Not an ELF file, though it starts like one: only the file itself is found.
+    std::fs::write(root.join("usr/bin/junk"), b"\x7fELF\x02\x01\x01garbage").expect("junk");
+    let img = image_of(&root, &tmp.path().join("img.cimg"));
+
+    // Through the /bin -> usr/bin link: the link-free path of the program.
+    let (_, p) = resolve_file(&img, Path::new("/bin/true")).expect("resolve /bin/true");
+    assert_eq!(p, Path::new("/usr/bin/true"));
+    assert!(
+        resolve_file(&img, Path::new("/usr/bin")).is_none(),
+        "a directory"
+    );
+    assert!(resolve_file(&img, Path::new("/usr/bin/missing")).is_none());
+
+    let files = found(&img, &hint("true"));
+    assert_eq!(
+        files.first().map(PathBuf::as_path),
+        Some(Path::new("usr/bin/true")),
+        "{files:?}"
+    );
+    let has = |name: &str| {
+        files
+            .iter()
+            .any(|f| f.file_name().is_some_and(|n| n == name))
+    };
+    // The interpreter named in the program (ld-linux-x86-64.so.2, ld-linux-aarch64.so.1...),
+    // and the libc it needs.
+    assert!(
+        files.iter().any(|f| f
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ld-linux"))),
+        "interpreter missing: {files:?}"
+    );
+    assert!(has("libc.so.6"), "libc missing: {files:?}");
+    // Each file once.
+    let mut dedup = files.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), files.len(), "{files:?}");
+
+    // A script: the script, then its interpreter (and the interpreter's libraries).
+    let files = found(&img, &hint("script"));
+    assert_eq!(
+        files.first().map(PathBuf::as_path),
+        Some(Path::new("usr/bin/script"))
+    );
+    assert_eq!(
+        files.get(1).map(PathBuf::as_path),
+        Some(Path::new("usr/bin/sh")),
+        "{files:?}"
+    );
+    assert!(files.iter().any(|f| f.ends_with("libc.so.6")), "{files:?}");
+
+    // Garbage and a missing command: nothing beyond the file, no panic.
+    assert_eq!(
+        found(&img, &hint("junk")),
+        vec![PathBuf::from("usr/bin/junk")]
+    );
+    assert!(found(&img, &hint("no-such-command")).is_empty());
+    // A relative command is looked up from the working directory.
+    let rel = ExecHint {
+        candidates: vec![PathBuf::from("./true")],
+        cwd: PathBuf::from("/usr/bin"),
+        library_path: Vec::new(),
+    };
+    assert_eq!(
+        found(&img, &rel).first().map(PathBuf::as_path),
+        Some(Path::new("usr/bin/true"))
+    );
+}
+
+#[test]
+fn link_loops_end() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    std::os::unix::fs::symlink("b", root.join("a")).expect("link");
+    std::os::unix::fs::symlink("a", root.join("b")).expect("link");
+    std::os::unix::fs::symlink("/", root.join("up")).expect("link");
+    std::fs::write(root.join("f"), "x").expect("file");
+    let img = image_of(&root, &tmp.path().join("img.cimg"));
+    assert!(resolve_file(&img, Path::new("/a")).is_none());
+    let (_, p) = resolve_file(&img, Path::new("/up/up/../f")).expect("through links and ..");
+    assert_eq!(p, Path::new("/f"));
+}
