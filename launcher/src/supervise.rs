@@ -367,6 +367,12 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             // (see `FsOptions::store`).
             opts.fs.store = false;
             opts.fs.record_hot = record_hot.clone();
+            opts.fs.exec = Some(exec_hint(
+                &plan,
+                image_env.as_deref(),
+                image_workdir.as_deref(),
+                host_cwd.as_deref(),
+            ));
             match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
                 Forked::Child => {
                     drop((ready_r, go_w));
@@ -745,6 +751,47 @@ struct Built {
     root: PathBuf,
     cwd: PathBuf,
     env: Env,
+}
+
+/// Where the command will be found, for the server to decompress its program and libraries
+/// ahead ([`cimg_fuse::exec`]). A guess made before the container's environment is complete
+/// (`--set-env` files and the image's `/ch/environment` are read later): the `PATH`s of the
+/// host and of the image's config, then the default one, are all tried, first match wins.
+fn exec_hint(
+    plan: &Plan,
+    image_env: Option<&[String]>,
+    image_workdir: Option<&Path>,
+    host_cwd: Option<&Path>,
+) -> cimg_fuse::exec::ExecHint {
+    let cmd = plan.cmd.first().map(|c| c.as_os_str()).unwrap_or_default();
+    let image_path = image_env
+        .into_iter()
+        .flatten()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .map(std::ffi::OsStr::new);
+    let mut candidates = Vec::new();
+    for path in [std::env::var_os("PATH").as_deref(), image_path, None] {
+        for c in plan::candidates(cmd, path) {
+            if !candidates.contains(&c) {
+                candidates.push(c);
+            }
+        }
+    }
+    let cwd = plan
+        .cd
+        .as_deref()
+        .or(image_workdir)
+        .or(host_cwd)
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let library_path = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|l| std::env::split_paths(&l).collect())
+        .unwrap_or_default();
+    cimg_fuse::exec::ExecHint {
+        candidates,
+        cwd,
+        library_path,
+    }
 }
 
 fn open_image(path: &Path) -> Result<Source, Error> {
