@@ -376,46 +376,75 @@ pub fn drop_privileges() -> Result<(), Error> {
     Ok(())
 }
 
-/// Exec `argv` with `env`, searching `PATH` of `env` for a bare name. Returns only on
-/// failure, with the exit code (127 not found, 126 not executable) and the message.
-pub fn exec(argv: &[OsString], env: &crate::plan::Env) -> Error {
-    use crate::plan::exit;
-    let cstr = |s: &OsStr| CString::new(s.as_bytes()).unwrap_or_default();
-    let args: Vec<CString> = argv.iter().map(|a| cstr(a)).collect();
-    let envp: Vec<CString> = env
-        .iter()
-        .map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            CString::new(kv).unwrap_or_default()
-        })
-        .collect();
-    let cmd = &argv[0];
-    let mut denied: Option<Errno> = None;
-    for cand in crate::plan::candidates(cmd, env.get(OsStr::new("PATH")).map(|p| p.as_os_str())) {
-        let path = cstr(cand.as_os_str());
-        let e = nix::unistd::execve(&path, &args, &envp).unwrap_err();
-        match e {
-            Errno::ENOENT | Errno::ENOTDIR => {}
-            Errno::EACCES | Errno::ENOEXEC | Errno::EPERM | Errno::EISDIR => {
-                denied.get_or_insert(e);
-            }
-            e => {
-                return Error::new(exit::NOEXEC, errno_msg(format!("{}", cand.display()), e));
-            }
+/// A command ready to exec: `argv` with `env`, `PATH` of `env` searched for a bare name,
+/// every string converted beforehand so that [`Exec::exec`] allocates only to report a
+/// failure (it runs in a child that shares launch's memory).
+pub struct Exec {
+    args: Vec<CString>,
+    envp: Vec<CString>,
+    candidates: Vec<(PathBuf, CString)>,
+    shown: String,
+}
+
+impl Exec {
+    /// Prepare `argv` (not empty) with `env`.
+    pub fn new(argv: &[OsString], env: &crate::plan::Env) -> Exec {
+        let cstr = |s: &OsStr| CString::new(s.as_bytes()).unwrap_or_default();
+        let args: Vec<CString> = argv.iter().map(|a| cstr(a)).collect();
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).unwrap_or_default()
+            })
+            .collect();
+        let cmd = argv.first().map(|c| c.as_os_str()).unwrap_or_default();
+        let candidates =
+            crate::plan::candidates(cmd, env.get(OsStr::new("PATH")).map(|p| p.as_os_str()))
+                .into_iter()
+                .map(|c| {
+                    let cs = cstr(c.as_os_str());
+                    (c, cs)
+                })
+                .collect();
+        Exec {
+            args,
+            envp,
+            candidates,
+            shown: cmd.to_string_lossy().into_owned(),
         }
     }
-    let shown = cmd.to_string_lossy();
-    match denied {
-        Some(e) => Error::new(
-            exit::NOEXEC,
-            errno_msg(format!("cannot execute {shown}"), e),
-        ),
-        None => Error::new(
-            exit::NOTFOUND,
-            format!("{shown}: command not found in the container"),
-        ),
+
+    /// Exec the command. Returns only on failure, with the exit code (127 not found, 126 not
+    /// executable) and the message.
+    pub fn exec(&self) -> Error {
+        use crate::plan::exit;
+        let mut denied: Option<Errno> = None;
+        for (cand, path) in &self.candidates {
+            let e = nix::unistd::execve(path, &self.args, &self.envp).unwrap_err();
+            match e {
+                Errno::ENOENT | Errno::ENOTDIR => {}
+                Errno::EACCES | Errno::ENOEXEC | Errno::EPERM | Errno::EISDIR => {
+                    denied.get_or_insert(e);
+                }
+                e => {
+                    return Error::new(exit::NOEXEC, errno_msg(format!("{}", cand.display()), e));
+                }
+            }
+        }
+        let shown = &self.shown;
+        match denied {
+            Some(e) => Error::new(
+                exit::NOEXEC,
+                errno_msg(format!("cannot execute {shown}"), e),
+            ),
+            None => Error::new(
+                exit::NOTFOUND,
+                format!("{shown}: command not found in the container"),
+            ),
+        }
     }
 }
 

@@ -726,13 +726,9 @@ fn fork_app(
     old_mask: &SigSet,
 ) -> Result<Pid, Error> {
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
-    let app = match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
-        Forked::Child => {
-            drop(err_r);
-            app_main(cwd, env, cmd, err_w, me, old_mask)
-        }
-        Forked::Parent(pid) => pid,
-    };
+    let exec = enter::Exec::new(cmd, env);
+    let app = crate::sys::spawn_shared(&mut || app_main(cwd, &exec, &err_w, me, old_mask))
+        .map_err(|e| Error::other(errno_msg("clone", e)))?;
     drop(err_w);
     let mut report = Vec::new();
     let _ = fs::File::from(err_r).read_to_end(&mut report);
@@ -919,14 +915,10 @@ fn server_main(
 
 /// The app's process (forked inside the container): no privileges, exec. On failure,
 /// `code\tmessage` goes to `report` (closed by a successful exec).
-fn app_main(
-    cwd: &Path,
-    env: &Env,
-    cmd: &[OsString],
-    report: OwnedFd,
-    parent: Pid,
-    mask: &SigSet,
-) -> ! {
+/// The app's process before it execs, sharing launch's memory ([`crate::sys::spawn_shared`]):
+/// borrows only, and returns the exit status after writing why to `report` if the exec
+/// fails.
+fn app_main(cwd: &Path, exec: &enter::Exec, report: &OwnedFd, parent: Pid, mask: &SigSet) -> i32 {
     let err = (|| -> Error {
         if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
             return Error::other(errno_msg("pdeathsig", e));
@@ -946,11 +938,11 @@ fn app_main(
         if let Err(e) = enter::drop_privileges() {
             return e;
         }
-        enter::exec(cmd, env)
+        exec.exec()
     })();
     let msg = format!("{}\t{}", err.code(), err);
-    let _ = nix::unistd::write(&report, msg.as_bytes());
-    std::process::exit(err.code())
+    let _ = nix::unistd::write(report, msg.as_bytes());
+    err.code()
 }
 
 /// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N. `conn` is
