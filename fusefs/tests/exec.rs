@@ -2,7 +2,7 @@
 //! ([`cimg_fuse::exec`]).
 
 use cimg_format::{Image, PackOptions, pack_dir};
-use cimg_fuse::exec::{ExecHint, exec_files, resolve_file};
+use cimg_fuse::exec::{ExecHint, exec_files, loader_ranges, resolve_file};
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -24,22 +24,34 @@ fn paths(img: &Image) -> BTreeMap<u32, PathBuf> {
     m
 }
 
-/// The paths `exec_files` finds for `hint`, in order, reading files whole.
-fn found(img: &Image, hint: &ExecHint) -> Vec<PathBuf> {
+/// The paths `exec_files` finds for `hint`, in order, with the bytes it would prefetch.
+fn found_ranges(img: &Image, hint: &ExecHint) -> Vec<(PathBuf, u64)> {
     let names = paths(img);
     let mut out = Vec::new();
     exec_files(
         img,
         hint,
-        |ino, _| out.push(names[&ino].clone()),
-        |ino, size| {
-            let mut buf = vec![0u8; size as usize];
-            let n = img.read_at(ino, 0, &mut buf).ok()?;
+        |ino, ranges| {
+            out.push((
+                names[&ino].clone(),
+                ranges.iter().map(|r| r.end - r.start).sum(),
+            ))
+        },
+        |ino, range| {
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            let n = img.read_at(ino, range.start, &mut buf).ok()?;
             buf.truncate(n);
             Some(buf)
         },
     );
     out
+}
+
+fn found(img: &Image, hint: &ExecHint) -> Vec<PathBuf> {
+    found_ranges(img, hint)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
 }
 
 fn hint(cmd: &str) -> ExecHint {
@@ -100,6 +112,17 @@ fn finds_the_program_its_interpreter_and_libraries() {
         "interpreter missing: {files:?}"
     );
     assert!(has("libc.so.6"), "libc missing: {files:?}");
+    // libc is small enough to be prefetched whole.
+    let libc = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .find_map(|d| std::fs::metadata(root.join("usr/lib").join(d).join("libc.so.6")).ok());
+    if let Some(m) = libc {
+        let (_, bytes) = found_ranges(&img, &hint("true"))
+            .into_iter()
+            .find(|(p, _)| p.ends_with("libc.so.6"))
+            .expect("libc");
+        assert_eq!(bytes, m.len());
+    }
     // Each file once.
     let mut dedup = files.clone();
     dedup.sort();
@@ -135,6 +158,41 @@ fn finds_the_program_its_interpreter_and_libraries() {
         found(&img, &rel).first().map(PathBuf::as_path),
         Some(Path::new("usr/bin/true"))
     );
+}
+
+/// Of a big library only what the loader reads is prefetched: the headers, the first
+/// (read-only, not code) segment and the writable ones; not the code.
+#[test]
+fn loader_ranges_leave_the_code_out() {
+    let libc = [
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/aarch64-linux-gnu/libc.so.6",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("the test needs the host's libc.so.6");
+    let bytes = std::fs::read(libc).expect("read libc");
+    let size = bytes.len() as u64;
+    let ranges = loader_ranges(&bytes[..bytes.len().min(64 << 10)], size);
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    assert_eq!(ranges.first().map(|r| r.start), Some(0), "{ranges:?}");
+    assert!(total < size / 2, "{total} of {size} bytes: {ranges:?}");
+    // The writable segment (data, GOT) is near the end of the file.
+    assert!(ranges.iter().any(|r| r.end > size / 2), "{ranges:?}");
+    // Sorted, not overlapping, inside the file.
+    assert!(
+        ranges.windows(2).all(|w| w[0].end < w[1].start),
+        "{ranges:?}"
+    );
+    assert!(ranges.iter().all(|r| r.end <= size));
+    // Not an ELF file: just the head.
+    let only_head = |head: &[u8], size: u64| {
+        let r = loader_ranges(head, size);
+        assert_eq!(r.len(), 1, "{r:?}");
+        r[0].clone()
+    };
+    assert_eq!(only_head(b"#!/bin/sh\n", 10), 0..10);
+    assert_eq!(only_head(b"\x7fELF\x02\x01\x01garbage", 1 << 20), 0..14);
 }
 
 #[test]
