@@ -574,7 +574,12 @@ pub fn advise_metadata(file: &File) -> io::Result<()> {
         return Err(bad());
     }
     let len = std::num::NonZeroU64::new(sb.meta_stored_len.get());
-    rustix::fs::fadvise(file, sb.meta_offset.get(), len, rustix::fs::Advice::WillNeed)?;
+    rustix::fs::fadvise(
+        file,
+        sb.meta_offset.get(),
+        len,
+        rustix::fs::Advice::WillNeed,
+    )?;
     Ok(())
 }
 
