@@ -191,10 +191,11 @@ pub fn exec_files(
             continue;
         }
         // The file as the loader sees it: the parts it reads, zeros elsewhere (pages of a
-        // large zeroed allocation cost nothing until written).
+        // large zeroed allocation cost nothing until written). Only those parts are read here,
+        // whatever was queued: the libraries are known without waiting for the whole file.
         let mut sparse = vec![0u8; size as usize];
         let mut complete = true;
-        for r in &ranges {
+        for r in &loader_ranges(&head, size) {
             match read(ino, r.clone()) {
                 Some(b) if b.len() as u64 == r.end - r.start => {
                     sparse[r.start as usize..r.end as usize].copy_from_slice(&b);
@@ -251,12 +252,12 @@ pub fn exec_files(
 }
 
 /// The byte ranges of an ELF file of `size` bytes (whose first bytes are `head`) that its
-/// loading reads: the head; the first loadable segment if it is not code (headers, hash,
-/// dynamic symbols and strings, relocations: `ld -z separate-code`, the default); the
-/// writable segments and the dynamic section. Sorted and merged; just the head if `head` is
+/// loading reads: the head; the first loadable segment (headers, hash, dynamic symbols and
+/// strings, relocations; not code with `ld -z separate-code`, the default, and at most
+/// [`SEGMENT_CAP`] where it is); the writable segments and the dynamic section. Sorted and merged; just the head if `head` is
 /// not an ELF file whose program headers it holds.
 pub fn loader_ranges(head: &[u8], size: u64) -> Vec<Range<u64>> {
-    use goblin::elf::program_header::{PF_W, PF_X, PT_DYNAMIC, PT_LOAD, ProgramHeader};
+    use goblin::elf::program_header::{PF_W, PT_DYNAMIC, PT_LOAD, ProgramHeader};
     let mut out: Vec<Range<u64>> =
         std::iter::once(0..size.min(HEAD).min(head.len() as u64)).collect();
     let phdrs = goblin::elf::Elf::parse_header(head).ok().and_then(|h| {
@@ -283,7 +284,7 @@ pub fn loader_ranges(head: &[u8], size: u64) -> Vec<Range<u64>> {
         };
         match ph.p_type {
             PT_LOAD => {
-                if ph.p_flags & PF_W != 0 || (first_load && ph.p_flags & PF_X == 0) {
+                if ph.p_flags & PF_W != 0 || first_load {
                     out.push(range());
                 }
                 first_load = false;

@@ -411,9 +411,9 @@ impl ReadJob {
 }
 
 /// Decompress ahead, on the workers, the blocks of the files a start of `hint`'s program
-/// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The files the search
-/// looks inside are read here through the cache (a block a worker or a reader is already
-/// loading is waited for, not loaded twice).
+/// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The parts the search
+/// looks inside are read here through the cache ([`Inner::read`]: a block a worker or a
+/// reader is already loading is waited for, not loaded twice).
 fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, budget: u64) {
     let mut left = budget;
     crate::exec::exec_files(
@@ -445,15 +445,21 @@ fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, 
                 }
             }
         },
-        |ino, range| read_range(inner, ino, range),
+        |ino, range| {
+            let mut bytes = None;
+            let len = u32::try_from(range.end - range.start).ok()?;
+            inner
+                .read(ino, range.start, len, |d| bytes = Some(d.to_vec()))
+                .ok()?;
+            bytes
+        },
     );
 }
 
 /// Whether more tasks are runnable than twice the cores plus two (`/proc/loadavg`'s running
 /// count; a single start on 2 cores sees 3 to 6): decompressing ahead pays only with a core
-/// to spare. With 64 containers started
-/// at once without `--join`, each server prefetching made the start 20% slower (join-bench:
-/// 410 → 500 ms).
+/// to spare. With 64 containers started at once without `--join`, each server prefetching
+/// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
 fn cpu_busy() -> bool {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::fs::read_to_string("/proc/loadavg")
@@ -463,29 +469,6 @@ fn cpu_busy() -> bool {
             running.parse::<usize>().ok()
         })
         .is_some_and(|r| r > 2 * cores + 2)
-}
-
-/// Bytes `range` of file `ino` through the cache (a block a worker or a reader is already
-/// loading is waited for, not loaded twice); `None` if a block cannot be read.
-fn read_range(inner: &Inner, ino: u32, range: std::ops::Range<u64>) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(usize::try_from(range.end.saturating_sub(range.start)).ok()?);
-    for e in inner.img.extents(ino).ok()? {
-        let (start, end) = (e.file_offset, e.file_offset + u64::from(e.len));
-        let (a, z) = (start.max(range.start), end.min(range.end));
-        if a >= z {
-            continue;
-        }
-        let n = (z - a) as usize;
-        match e.block {
-            None => out.resize(out.len() + n, 0),
-            Some(b) => {
-                let block = inner.block(b, Some(ino)).ok()?;
-                let from = e.block_offset as usize + (a - start) as usize;
-                out.extend_from_slice(block.get(from..from + n)?);
-            }
-        }
-    }
-    Some(out)
 }
 
 /// A worker: answers read jobs first, prefetches when there are none; stops when the
