@@ -568,11 +568,8 @@ fn decompress_meta(
 pub fn advise_metadata(file: &File) -> io::Result<()> {
     let mut sbuf = [0u8; size_of::<Superblock>()];
     FileExt::read_exact_at(file, &mut sbuf, 0)?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a cimg superblock");
-    let sb = Superblock::read_from_bytes(&sbuf).map_err(|_| bad())?;
-    if sb.magic != MAGIC || sb.checksum.get() != xxh3_64(&sbuf[..120]) {
-        return Err(bad());
-    }
+    let sb = checked_superblock(&sbuf)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     let len = std::num::NonZeroU64::new(sb.meta_stored_len.get());
     rustix::fs::fadvise(
         file,
@@ -581,6 +578,18 @@ pub fn advise_metadata(file: &File) -> io::Result<()> {
         rustix::fs::Advice::WillNeed,
     )?;
     Ok(())
+}
+
+/// The superblock in `sbuf` if its magic and checksum are right (§13 steps 2 and 3).
+fn checked_superblock(sbuf: &[u8; size_of::<Superblock>()]) -> Result<Superblock> {
+    let sb = Superblock::read_from_bytes(sbuf).map_err(|_| Error::corrupt("superblock", 0))?;
+    if sb.magic != MAGIC {
+        return Err(Error::corrupt("bad magic: not a cimg image", 0));
+    }
+    if sb.checksum.get() != xxh3_64(&sbuf[..120]) {
+        return Err(Error::corrupt("superblock checksum mismatch", 120));
+    }
+    Ok(sb)
 }
 
 /// Decompressed metadata offsets are reported relative to the metadata region, marked so.
@@ -602,14 +611,7 @@ impl<R: ReadAt> Image<R> {
         }
         let mut sbuf = [0u8; size_of::<Superblock>()];
         src.read_exact_at(&mut sbuf, 0).map_err(io)?;
-        let sb = Superblock::read_from_bytes(&sbuf).map_err(|_| Error::corrupt("superblock", 0))?;
-        if sb.magic != MAGIC {
-            return Err(Error::corrupt("bad magic: not a cimg image", 0));
-        }
-        let want = xxh3_64(&sbuf[..120]);
-        if sb.checksum.get() != want {
-            return Err(Error::corrupt("superblock checksum mismatch", 120));
-        }
+        let sb = checked_superblock(&sbuf)?;
         if sb.version_major.get() != VERSION_MAJOR {
             return Err(Error::Unsupported(format!(
                 "format version {}.{}, this reader knows {VERSION_MAJOR}.x",

@@ -407,3 +407,30 @@ proptest! {
         round_trip(src.path(), &PackOptions { block_log, threads, ..PackOptions::default() });
     }
 }
+
+/// `advise_metadata` accepts an image (its superblock checks pass) and refuses anything else
+/// with the reader's own reason.
+#[test]
+fn advise_metadata_checks_the_superblock() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"hello").unwrap();
+    let img = work.path().join("t.cimg");
+    pack(&src, &img, &PackOptions::default());
+    let f = std::fs::File::open(&img).unwrap();
+    cimg_format::advise_metadata(&f).expect("an image is advised");
+
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[0] ^= 0xff;
+    let bad = work.path().join("bad.cimg");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = cimg_format::advise_metadata(&std::fs::File::open(&bad).unwrap()).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("bad magic"), "{e}");
+    bytes[0] ^= 0xff;
+    bytes[100] ^= 1;
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = cimg_format::advise_metadata(&std::fs::File::open(&bad).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+}
