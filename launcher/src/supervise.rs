@@ -913,11 +913,9 @@ fn server_main(
     }
 }
 
-/// The app's process (forked inside the container): no privileges, exec. On failure,
-/// `code\tmessage` goes to `report` (closed by a successful exec).
-/// The app's process before it execs, sharing launch's memory ([`crate::sys::spawn_shared`]):
-/// borrows only, and returns the exit status after writing why to `report` if the exec
-/// fails.
+/// The app's process inside the container, before it execs, sharing launch's memory
+/// ([`crate::sys::spawn_shared`], so it only borrows): no privileges, exec. On failure,
+/// `code\tmessage` goes to `report` (closed by a successful exec) and the code is returned.
 fn app_main(cwd: &Path, exec: &enter::Exec, report: &OwnedFd, parent: Pid, mask: &SigSet) -> i32 {
     let err = (|| -> Error {
         if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
