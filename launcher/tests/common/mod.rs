@@ -53,8 +53,8 @@ pub fn capable() -> bool {
 }
 
 /// The fixture: a root filesystem directory and its packed image, both readable by anyone.
+/// It lives in a static, which is never dropped, so [`remove_after_exit`] removes it.
 pub struct Fixture {
-    _dir: tempfile::TempDir,
     /// The work directory (mode 0755).
     pub work: PathBuf,
     /// The root filesystem directory.
@@ -67,23 +67,44 @@ pub struct Fixture {
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::Builder::new()
+        let work = tempfile::Builder::new()
             .prefix("launch-test")
             .tempdir_in("/var/tmp")
-            .unwrap();
-        let work = dir.path().to_path_buf();
+            .unwrap()
+            .keep();
+        remove_after_exit(&work);
         fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
         let rootfs = work.join("rootfs");
         make_rootfs(&rootfs);
         let image = work.join("img.cimg");
         pack(&rootfs, &image, None);
         Fixture {
-            _dir: dir,
             work,
             rootfs,
             image,
         }
     })
+}
+
+/// Remove `dir` once this test process has exited, however it ends (statics are never
+/// dropped, and a panic or SIGKILL skips destructors anyway): a detached shell waits for
+/// this process with `tail --pid` and then removes the directory.
+fn remove_after_exit(dir: &Path) {
+    Command::new("setsid")
+        .args([
+            "-f",
+            "sh",
+            "-c",
+            r#"tail --pid="$1" -f /dev/null; rm -rf -- "$2""#,
+            "sh",
+        ])
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("start the fixture's cleaner (setsid, tail, rm)");
 }
 
 /// Pack `dir` into `out` (with `config` JSON stored as the image config).
