@@ -7,11 +7,10 @@
 //! - [`cache`]: the bounded, sharded, coalescing block cache.
 //! - [`exec`]: the files a program's start reads (program, ELF interpreter, libraries), for
 //!   the server to decompress ahead.
-//! - [`mount`] / [`Server`]: mount an image and serve it, in this thread ([`Server::run`]) or
-//!   in the background ([`Server::spawn`]). Several event loops run, each on its own cloned
-//!   `/dev/fuse` fd (`Config { n_threads, clone_fd: true }`). As root (or in a user namespace
-//!   owning its mount namespace) fuser calls mount(2) itself; otherwise it falls back to
-//!   `fusermount3`.
+//! - [`mount`] / [`Server`]: mount an image and serve it ([`Server::run`]). Several event
+//!   loops run, each on its own cloned `/dev/fuse` fd (`Config { n_threads, clone_fd: true }`).
+//!   As root (or in a user namespace owning its mount namespace) this crate calls mount(2)
+//!   itself and hands the fd to fuser; otherwise fuser mounts through `fusermount3`.
 //!
 //! Not verified here: mounting as an ordinary user. fuser falls back to `fusermount3` when
 //! mount(2) is refused, but only if it can open `/dev/fuse` itself (mode 0666 on usual
@@ -89,6 +88,32 @@ pub enum MountError {
 pub struct Server {
     session: fuser::Session<CimgFs>,
     mountpoint: PathBuf,
+    /// Where this crate mounted it itself (mount(2) on a `/dev/fuse` fd it opened), as opposed
+    /// to fuser (through `fusermount3`) or the caller ([`attach_fd`]): see [`Server::unmounter`].
+    own_mount: Option<PathBuf>,
+}
+
+/// Unmounts a [`Server`]'s mount point from another thread (e.g. on SIGTERM).
+pub enum Unmounter {
+    /// This crate mounted it: unmount by path.
+    Path(PathBuf),
+    /// fuser mounted it (through `fusermount3`): fuser unmounts it. (After [`attach_fd`] the
+    /// caller owns the mount and this does nothing.)
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl Unmounter {
+    /// Unmount now; [`Server::run`] then returns once the kernel has let go. Fails with
+    /// EBUSY while files are open on it.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        match self {
+            Unmounter::Path(p) => {
+                nix::mount::umount2(p.as_path(), nix::mount::MntFlags::empty())?;
+                Ok(())
+            }
+            Unmounter::Fuser(u) => u.unmount(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -147,6 +172,13 @@ fn start_store(
 
 /// Open and validate `image`, and mount it read-only on `mountpoint`. The kernel handshake is
 /// done when this returns; requests are answered once the server runs.
+///
+/// Where mount(2) is allowed, this crate mounts itself and gives fuser only the fd, so that
+/// the end of the session never unmounts by path: fuser 0.18 does, even when the kernel has
+/// already let go (its `is_mounted` reads `POLLERR` the wrong way round), and so unmounted
+/// whatever had been mounted on the same directory since (`umount DIR; cimg-mount IMG DIR`
+/// lost the new mount about once in twenty). Through `fusermount3` fuser still mounts, and
+/// that race remains.
 pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
     let img = cimg_format::Image::open(image).map_err(|err| MountError::Image {
         image: image.to_path_buf(),
@@ -159,14 +191,59 @@ pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Ser
         mountpoint: mountpoint.to_path_buf(),
         err,
     };
-    let session = fuser::Session::new(fs, mountpoint, &cfg).map_err(mount_err)?;
+    let (session, own_mount) = match mount_direct(image, mountpoint, opts).map_err(mount_err)? {
+        Some(fd) => (
+            fuser::Session::from_fd(fs, fd, cfg.acl, cfg).map_err(mount_err)?,
+            Some(std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf())),
+        ),
+        None => (
+            fuser::Session::new(fs, mountpoint, &cfg).map_err(mount_err)?,
+            None,
+        ),
+    };
     if let Some(rx) = store_rx {
         start_store(&session, rx).map_err(mount_err)?;
     }
     Ok(Server {
         session,
         mountpoint: mountpoint.to_path_buf(),
+        own_mount,
     })
+}
+
+/// mount(2) of a fresh `/dev/fuse` fd on `mountpoint`, with the options fuser would use;
+/// `None` if mount(2) is not allowed here (EPERM: an ordinary user).
+fn mount_direct(
+    image: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use nix::fcntl::OFlag;
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let fd = nix::fcntl::open(
+        "/dev/fuse",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let data = kernel_mount_data(
+        fd.as_raw_fd(),
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+        opts.allow_other,
+    );
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+    match nix::mount::mount(
+        Some(image.as_os_str()),
+        mountpoint,
+        Some("fuse.cimg"),
+        flags,
+        Some(data.as_str()),
+    ) {
+        Ok(()) => Ok(Some(fd)),
+        Err(nix::errno::Errno::EPERM) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Read-ahead `cimg-mount` asks the kernel for (`--read-ahead-kb`): 1 MiB. The kernel's
@@ -260,14 +337,18 @@ pub fn attach_fd(
     Ok(Server {
         session,
         mountpoint: name.to_path_buf(),
+        own_mount: None,
     })
 }
 
 impl Server {
     /// A handle that unmounts from another thread (e.g. on SIGTERM); [`Server::run`] then
     /// returns once the kernel has let go.
-    pub fn unmounter(&mut self) -> fuser::SessionUnmounter {
-        self.session.unmount_callable()
+    pub fn unmounter(&mut self) -> Unmounter {
+        match &self.own_mount {
+            Some(p) => Unmounter::Path(p.clone()),
+            None => Unmounter::Fuser(self.session.unmount_callable()),
+        }
     }
 
     /// Serve until unmounted.
@@ -275,14 +356,6 @@ impl Server {
         let mountpoint = self.mountpoint;
         self.session
             .run()
-            .map_err(|err| MountError::Serve { mountpoint, err })
-    }
-
-    /// Serve in a background thread; dropping the handle unmounts.
-    pub fn spawn(self) -> Result<fuser::BackgroundSession, MountError> {
-        let mountpoint = self.mountpoint;
-        self.session
-            .spawn()
             .map_err(|err| MountError::Serve { mountpoint, err })
     }
 }

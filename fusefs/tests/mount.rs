@@ -527,6 +527,50 @@ fn sigterm_unmounts_cleanly() {
     assert!(st.success(), "server exit status {st}");
 }
 
+/// A server whose mount was unmounted from outside must not, when it stops, unmount what has
+/// been mounted on the same directory since (`umount DIR; cimg-mount IMG DIR` in a script).
+/// fuser 0.18 unmounts by path at the end of every session it mounted; here the first server
+/// only starts serving after the second mount exists, which makes that race certain.
+#[test]
+fn a_stopping_server_leaves_the_next_mount_alone() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    fs::write(src.join("f"), b"data").expect("write");
+    pack(&src, &img, 12);
+    let opts = cimg_fuse::MountOptions::default();
+
+    let first = cimg_fuse::mount(&img, &mnt, &opts).expect("first mount");
+    let guard = Mounted(mnt.clone());
+    nix::mount::umount2(&mnt, nix::mount::MntFlags::empty()).expect("umount the first");
+    assert!(!is_mounted(&mnt));
+    let mut second = cimg_fuse::mount(&img, &mnt, &opts).expect("second mount");
+    // The first server sees its connection gone and stops.
+    first.run().expect("the first server stops cleanly");
+    assert!(
+        is_mounted(&mnt),
+        "the first server unmounted the second mount on its way out"
+    );
+    let mut unmounter = second.unmounter();
+    let serving = std::thread::spawn(move || second.run());
+    assert_eq!(fs::read(mnt.join("f")).expect("read"), b"data");
+    unmounter.unmount().expect("unmount the second");
+    serving
+        .join()
+        .expect("server thread")
+        .expect("the second server stops cleanly");
+    assert!(!is_mounted(&mnt));
+    std::mem::forget(guard);
+}
+
 /// The mount's kernel read-ahead in KiB.
 fn read_ahead_kb(mnt: &Path) -> u32 {
     let d = dev(mnt);
