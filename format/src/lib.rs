@@ -12,7 +12,9 @@ pub mod units;
 pub mod unpack;
 pub mod writer;
 
-pub use reader::{Attr, DirEntry, Image, OpenOptions, ReadAt, advise_metadata};
+pub use reader::{
+    Attr, DirEntry, Image, OpenOptions, PARALLEL_VALIDATION_MIN, ReadAt, advise_metadata,
+};
 pub use writer::{PackOptions, PackStats, pack_dir};
 
 use std::io;
