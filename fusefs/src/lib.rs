@@ -12,9 +12,10 @@
 //!   As root (or in a user namespace owning its mount namespace) this crate calls mount(2)
 //!   itself and hands the fd to fuser; otherwise fuser mounts through `fusermount3`.
 //!
-//! Not verified here: mounting as an ordinary user. fuser falls back to `fusermount3` when
-//! mount(2) is refused, but only if it can open `/dev/fuse` itself (mode 0666 on usual
-//! systems; this test machine has 0600, where no unprivileged FUSE mount works).
+//! Mounting as an ordinary user goes through `fusermount3`, which needs a `/dev/fuse` the user
+//! can open (mode 0666 on usual systems); the test `ordinary_user_mounts_through_fusermount3`
+//! runs `cimg-mount` that way, as an unused uid with a 0666 `/dev/fuse` bound in a private
+//! mount namespace.
 
 pub mod cache;
 pub mod exec;
