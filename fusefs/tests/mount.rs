@@ -480,21 +480,23 @@ fn wait_child(child: &mut Child) -> std::process::ExitStatus {
     st.expect("exit status")
 }
 
+/// In `dir`: an image holding one file `f` ("data"), and an empty mount point.
+fn one_file_image(dir: &Path) -> (PathBuf, PathBuf) {
+    let (src, img, mnt) = (dir.join("src"), dir.join("img.cimg"), dir.join("mnt"));
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    fs::write(src.join("f"), b"data").expect("write");
+    pack(&src, &img, 12);
+    (img, mnt)
+}
+
 #[test]
 fn sigterm_unmounts_cleanly() {
     if !fuse_available() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::create_dir_all(&mnt).expect("mkdir");
-    fs::write(src.join("f"), b"data").expect("write");
-    pack(&src, &img, 12);
+    let (img, mnt) = one_file_image(tmp.path());
     let d0 = dev(&mnt);
     let mut child = Command::new(BIN)
         .arg(&img)
@@ -537,15 +539,7 @@ fn a_stopping_server_leaves_the_next_mount_alone() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
-    fs::create_dir_all(&src).expect("mkdir");
-    fs::create_dir_all(&mnt).expect("mkdir");
-    fs::write(src.join("f"), b"data").expect("write");
-    pack(&src, &img, 12);
+    let (img, mnt) = one_file_image(tmp.path());
     let opts = cimg_fuse::MountOptions::default();
 
     let first = cimg_fuse::mount(&img, &mnt, &opts).expect("first mount");
