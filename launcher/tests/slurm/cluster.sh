@@ -141,4 +141,10 @@ done
 echo "CHECK after_scancel_processes $left"
 echo "CHECK after_scancel_mounts $mounts"
 echo "CHECK after_scancel_sleepers $sleepers"
+# If a sleeper survived, say what it is (its parent, namespaces, signal state) for the log.
+for p in $(pgrep -xf 'sleep 300'); do
+    echo "DIAG sleeper $(ps -o pid=,ppid=,pgid=,sid=,stat=,etimes=,cmd= -p "$p")"
+    echo "DIAG   parent $(ps -o pid=,stat=,cmd= -p "$(ps -o ppid= -p "$p" | tr -d ' ')")"
+    echo "DIAG   mnt $(readlink "/proc/$p/ns/mnt") $(grep -E '^(SigBlk|SigIgn|SigCgt)' "/proc/$p/status" | tr '\n' ' ')"
+done
 exit 0
