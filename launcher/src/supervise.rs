@@ -643,8 +643,22 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
     let (sfd, old_mask) = block_signals()?;
     let (conn, config, what) = match entry {
         Entry::Pid(pid) => {
-            let environ = fs::read(format!("/proc/{pid}/environ"))
-                .map_err(|e| Error::usage(format!("--join-pid {pid}: {}", enter::io_msg(&e))))?;
+            // A process in the middle of an execve shows an empty environment until the
+            // new program's is set up, which can take a FUSE read (`sh -c '...; exec
+            // sleep 30'` joined right after its output failed 3 times in 10): ask again
+            // for a while before concluding.
+            let read_environ = || {
+                fs::read(format!("/proc/{pid}/environ"))
+                    .map_err(|e| Error::usage(format!("--join-pid {pid}: {}", enter::io_msg(&e))))
+            };
+            let mut environ = read_environ()?;
+            for _ in 0..100 {
+                if !environ.is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                environ = read_environ()?;
+            }
             if !environ.split(|&c| c == 0).any(|v| v == b"CIMG_RUNNING=1") {
                 return Err(Error::usage(format!(
                     "--join-pid {pid}: that process is not in a cimg container"
