@@ -178,13 +178,33 @@ fn start_store(
 /// the end of the session never unmounts by path: fuser 0.18 does, even when the kernel has
 /// already let go (its `is_mounted` reads `POLLERR` the wrong way round), and so unmounted
 /// whatever had been mounted on the same directory since (`umount DIR; cimg-mount IMG DIR`
-/// lost the new mount about once in twenty). Through `fusermount3` fuser still mounts, and
+/// lost the new mount 2–3 times in 45–120 tries). Through `fusermount3` fuser still mounts, and
 /// that race remains.
 pub fn mount(image: &Path, mountpoint: &Path, opts: &MountOptions) -> Result<Server, MountError> {
-    let img = cimg_format::Image::open(image).map_err(|err| MountError::Image {
+    let file = std::fs::File::open(image).map_err(|err| MountError::Image {
         image: image.to_path_buf(),
-        err,
+        err: cimg_format::Error::Io {
+            path: image.to_path_buf(),
+            err,
+        },
     })?;
+    mount_file(file, image, mountpoint, opts)
+}
+
+/// [`mount`] of an image already open as `file` (`image` names it in errors and is the
+/// mount's source): a caller that opened it before, e.g. to advise the kernel, does not
+/// open it again (on a parallel filesystem every open is a metadata operation).
+pub fn mount_file(
+    file: std::fs::File,
+    image: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Server, MountError> {
+    let img = cimg_format::Image::from_reader(file, image, &cimg_format::OpenOptions::default())
+        .map_err(|err| MountError::Image {
+            image: image.to_path_buf(),
+            err,
+        })?;
     let fs = CimgFs::new(img, opts.fs.clone());
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&image.display().to_string(), opts);

@@ -62,6 +62,10 @@ struct Args {
     /// from the caller's terminal and its hangups.
     #[arg(long, hide = true)]
     detached: bool,
+    /// Set by the default mode on the server it starts when it has the image open already:
+    /// the image is this process's standard input (one open of it, not two).
+    #[arg(long, hide = true)]
+    image_on_stdin: bool,
 }
 
 fn options(a: &Args) -> MountOptions {
@@ -92,7 +96,18 @@ fn foreground(a: &Args) -> anyhow::Result<()> {
     }
     // Resolved now: once mounted, resolving DIR would ask the server, which does not serve yet.
     let resolved = std::fs::canonicalize(&a.dir);
-    let mut server = cimg_fuse::mount(&a.image, &a.dir, &options(a))?;
+    let mut server = if a.image_on_stdin {
+        let file = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("the image on standard input")?;
+        // Standard input is the image no more: /dev/null, as for any background server.
+        let null = std::fs::File::open("/dev/null").context("/dev/null")?;
+        nix::unistd::dup2_stdin(&null).context("standard input")?;
+        cimg_fuse::mount_file(file.into(), &a.image, &a.dir, &options(a))?
+    } else {
+        cimg_fuse::mount(&a.image, &a.dir, &options(a))?
+    };
     if a.read_ahead_kb > 0 && nix::unistd::geteuid().is_root() {
         // Before serving, so that it is in place when the mount answers. Best effort.
         let set = resolved
@@ -159,9 +174,11 @@ fn background(a: &Args) -> anyhow::Result<()> {
         bail!("{}: not a directory", dir.display());
     }
     // The child's start overlaps the first read of the image's metadata (cold: 2–3 ms for
-    // 0.9 MiB here, more on a parallel filesystem). The child reports any error.
-    if let Ok(f) = std::fs::File::open(&image) {
-        let _ = cimg_format::advise_metadata(&f);
+    // 0.9 MiB here, more on a parallel filesystem); the child gets this open file as its
+    // standard input instead of opening the image again. It reports any error.
+    let opened = std::fs::File::open(&image).ok();
+    if let Some(f) = &opened {
+        let _ = cimg_format::advise_metadata(f);
     }
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
@@ -193,9 +210,16 @@ fn background(a: &Args) -> anyhow::Result<()> {
         ),
         None => Stdio::piped(),
     };
+    let stdin = match opened {
+        Some(f) => {
+            cmd.arg("--image-on-stdin");
+            Stdio::from(f)
+        }
+        None => Stdio::null(),
+    };
     // The child says on its stdout when DIR is mounted; its end of file before that means
     // it failed (its stderr says why).
-    cmd.stdin(Stdio::null())
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .current_dir("/");
