@@ -8,7 +8,9 @@
 //! files up to 16 MiB whole, of bigger ones (a GPU or MPI library is mostly code that a start
 //! does not run) the parts the loader reads ([`loader_ranges`]). `launch-bench`, old and new
 //! binaries interleaved: `/bin/true` 1.04× → 0.94-0.98× ch-run's time, cold Python start
-//! 0.85× → 0.73-0.75×, warm 2.8-2.9× → 2.6× the unpacked directory's.
+//! 0.85× → 0.73-0.75×, warm 2.8-2.9× → 2.6× the unpacked directory's. Given a path to the
+//! mount (`FsOptions::mount_root`), the server also reads those ranges ahead through the
+//! kernel, so the page faults find them in the page cache instead of each sending a READ.
 //!
 //! The search follows the dynamic loader's, without its cache file: `#!` scripts lead to their
 //! interpreter; `DT_RPATH` (without `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH` (with
@@ -129,13 +131,14 @@ const PARSE_MAX: u64 = 1 << 30;
 /// parts of them: the dynamic loader reads an object's headers, its dynamic symbol, string
 /// and relocation tables (the first, read-only segment) and writes its data (the writable
 /// segments); the code is left to page faults, as it is run only in part (a big library is
-/// mostly code). `found` is told of each file and those byte ranges as soon as they are
-/// known, before they are read, so that their blocks can be queued; `read` gives a byte
-/// range of a file (through the block cache), or `None`.
+/// mostly code). `found` is told of each file (inode and absolute path without symbolic
+/// links) and those byte ranges as soon as they are known, before they are read, so that
+/// their blocks can be queued; `read` gives a byte range of a file (through the block
+/// cache), or `None`.
 pub fn exec_files(
     img: &Image,
     hint: &ExecHint,
-    mut found: impl FnMut(u32, &[Range<u64>]),
+    mut found: impl FnMut(u32, &Path, &[Range<u64>]),
     mut read: impl FnMut(u32, Range<u64>) -> Option<Vec<u8>>,
 ) {
     let Some((ino, path)) = hint.candidates.iter().find_map(|c| {
@@ -160,7 +163,7 @@ pub fn exec_files(
         let size = img.attr(ino).map_or(0, |a| a.size);
         let head_range = 0..size.min(HEAD);
         let Some(head) = read(ino, head_range.clone()) else {
-            found(ino, std::slice::from_ref(&head_range));
+            found(ino, &path, std::slice::from_ref(&head_range));
             continue;
         };
         let mut add = |ino: u32, path: PathBuf, main: bool, queue: &mut VecDeque<_>| {
@@ -171,7 +174,7 @@ pub fn exec_files(
         if main && head.starts_with(b"#!") && scripts < 4 {
             // A script: its interpreter is the program that runs.
             scripts += 1;
-            found(ino, std::slice::from_ref(&head_range));
+            found(ino, &path, std::slice::from_ref(&head_range));
             if let Some(interp) = shebang(&head)
                 && let Some((i, p)) = resolve_file(img, &interp)
             {
@@ -186,7 +189,7 @@ pub fn exec_files(
         } else {
             loader_ranges(&head, size)
         };
-        found(ino, &ranges);
+        found(ino, &path, &ranges);
         if !head.starts_with(b"\x7fELF") || size > PARSE_MAX {
             continue;
         }

@@ -31,7 +31,12 @@ fn found_ranges(img: &Image, hint: &ExecHint) -> Vec<(PathBuf, u64)> {
     exec_files(
         img,
         hint,
-        |ino, ranges| {
+        |ino, path, ranges| {
+            assert_eq!(
+                path.strip_prefix("/").ok(),
+                Some(names[&ino].as_path()),
+                "the path given with inode {ino}"
+            );
             out.push((
                 names[&ino].clone(),
                 ranges.iter().map(|r| r.end - r.start).sum(),

@@ -860,3 +860,88 @@ as_user fusermount3 -u '{mnt}'
     );
     assert_eq!(fs::read(work.path().join("out")).unwrap(), data);
 }
+
+/// Bytes of `file` in the kernel's page cache (`fincore`, which does not read the file).
+fn resident(file: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(file)
+        .output()
+        .expect("run fincore (util-linux)");
+    assert!(out.status.success(), "fincore {}: {out:?}", file.display());
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("fincore's RES")
+}
+
+/// Told the program about to start and where its mount is, the server reads the program's
+/// shared libraries ahead into the kernel's page cache, before anything runs (what `launch`
+/// does for its command); without the mount's path, only into its own block cache.
+#[test]
+fn exec_hint_reads_the_libraries_into_the_page_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (root, img, mnt) = (
+        tmp.path().join("root"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    cimg_tests::host_programs_tree(&root, &["true"]);
+    fs::create_dir_all(&mnt).expect("mkdir");
+    pack(&root, &img, 17);
+    let libc = walk_files(&root)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "libc.so.6"))
+        .expect("the host's true links libc.so.6");
+    let rel = libc.strip_prefix(&root).expect("in the tree").to_path_buf();
+    let size = fs::metadata(&libc).expect("stat libc").len();
+    let page = 4096;
+
+    for with_root in [false, true] {
+        let mut opts = cimg_fuse::MountOptions::default();
+        opts.fs.exec = Some(cimg_fuse::exec::ExecHint {
+            candidates: vec![PathBuf::from("/usr/bin/true")],
+            cwd: PathBuf::from("/"),
+            library_path: Vec::new(),
+        });
+        opts.fs.mount_root = with_root.then(|| mnt.clone());
+        let mut server = cimg_fuse::mount(&img, &mnt, &opts).expect("mount");
+        let guard = Mounted(mnt.clone());
+        let mut unmounter = server.unmounter();
+        let serving = std::thread::spawn(move || server.run());
+        let lib = mnt.join(&rel);
+        if with_root {
+            wait_until("libc read ahead into the page cache", || {
+                resident(&lib) >= size / page * page
+            });
+        } else {
+            // The block prefetch is done well within this; nothing reaches the page cache.
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(resident(&lib), 0, "no read of libc went through the kernel");
+        }
+        unmounter.unmount().expect("unmount");
+        serving
+            .join()
+            .expect("server thread")
+            .expect("the server stops cleanly");
+        std::mem::forget(guard);
+    }
+}
+
+/// Every regular file under `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).expect("read_dir") {
+        let e = e.expect("entry");
+        let t = e.file_type().expect("file type");
+        if t.is_dir() {
+            out.extend(walk_files(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}

@@ -26,7 +26,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -429,8 +429,15 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 nix::sys::stat::Mode::empty(),
             )
             .ok();
-            // /dev/fuse can be read only once it is mounted: now the server may start.
-            nix::unistd::write(go_w, b"g").map_err(|e| Error::other(errno_msg("pipe", e)))?;
+            // /dev/fuse can be read only once it is mounted: now the server may start. It
+            // is told the number of launch's descriptor of the mount, to read the program's
+            // files ahead through it (see `cimg_fuse::FsOptions::mount_root`).
+            let go = match &fuse_root {
+                Some(r) => format!("g{}", r.as_raw_fd()),
+                None => "g".to_string(),
+            };
+            nix::unistd::write(go_w, go.as_bytes())
+                .map_err(|e| Error::other(errno_msg("pipe", e)))?;
             wait_byte(ready_r, *pid)?;
             drop(fuse);
             log.v(|| "FUSE server answered".into());
@@ -883,13 +890,24 @@ fn server_main(
         }
         unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
         nix::unistd::write(&ready, b"u").map_err(|e| errno_msg("pipe", e))?;
-        let mut b = [0u8; 1];
-        match nix::unistd::read(&go, &mut b) {
-            Ok(1) => {}
+        // "g", then the number of launch's descriptor of the mount's root, if it has one
+        // (one write of a few bytes: one read).
+        let mut b = [0u8; 16];
+        let go_msg = match nix::unistd::read(&go, &mut b) {
+            Ok(n) if n >= 1 && b[0] == b'g' => &b[1..n],
             _ => return Err("launch did not mount the filesystem".into()),
-        }
+        };
+        let root_fd: Option<u32> = std::str::from_utf8(go_msg)
+            .ok()
+            .and_then(|t| t.parse().ok());
         drop(go);
-        let server = cimg_fuse::attach_fd(img, fuse, name, opts).map_err(|e| e.to_string())?;
+        let mut opts = opts.clone();
+        if let Some(fd) = root_fd {
+            // The mount lives in launch's mount namespace, not in this one: reach it through
+            // launch's descriptor (opened only while the prefetch threads work).
+            opts.fs.mount_root = Some(PathBuf::from(format!("/proc/{parent}/fd/{fd}")));
+        }
+        let server = cimg_fuse::attach_fd(img, fuse, name, &opts).map_err(|e| e.to_string())?;
         // From now on the server outlives launch as long as the container lives, but it must
         // not keep launch's stderr open (a caller reading it would wait for the container's
         // last daemon): when launch exits, SIGUSR1 arrives and stderr becomes /dev/null.

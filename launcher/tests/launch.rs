@@ -180,6 +180,32 @@ set +e; "$LAUNCH" '{img}' -- false; echo status $?
     assert!(s.contains("status 1"), "{s}");
 }
 
+/// The command's shared libraries are in the kernel's page cache before it faults them in:
+/// the FUSE server reads them ahead through launch's descriptor of the mount (which lives in
+/// a mount namespace the server is not in), as root and as an ordinary user. The programs
+/// run here touch only part of libc (about 88% of its pages without the read-ahead).
+#[test]
+fn the_command_s_libraries_are_read_ahead() {
+    if !capable() {
+        return;
+    }
+    let check = r#"sleep 0.5; for f in /usr/lib/*/libc.so.6 /usr/lib64/libc.so.6; do [ -f "$f" ] && fincore --bytes --noheadings --output RES,SIZE "$f"; done; true"#;
+    let runs = [
+        launch(&[&img(), "--", "sh", "-c", check]),
+        as_user(&format!(r#""$LAUNCH" '{}' -- sh -c '{check}'"#, img())),
+    ];
+    for o in &runs {
+        let s = ok(o);
+        let nums: Vec<u64> = s
+            .split_whitespace()
+            .map(|n| n.parse().expect("fincore's numbers"))
+            .collect();
+        assert_eq!(nums.len(), 2, "one libc.so.6: {s}");
+        let (res, size) = (nums[0], nums[1]);
+        assert!(res >= size / 4096 * 4096, "libc not all resident: {s}");
+    }
+}
+
 #[test]
 fn uid_and_gid_options_and_passwd() {
     if !capable() {

@@ -16,7 +16,7 @@ pub const LAUNCH: &str = env!("CARGO_BIN_EXE_launch");
 /// Programs copied into the test image (with the libraries they load).
 const PROGRAMS: &[&str] = &[
     "sh", "cat", "id", "ls", "env", "sleep", "mknod", "touch", "stat", "mount", "readlink", "echo",
-    "pwd", "true", "false", "kill", "setpriv", "grep", "head", "wc", "rm", "mkdir",
+    "pwd", "true", "false", "kill", "setpriv", "grep", "head", "wc", "rm", "mkdir", "fincore",
 ];
 
 /// Whether `tool` is on the PATH.
