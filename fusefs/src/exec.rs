@@ -8,9 +8,8 @@
 //! files up to 16 MiB whole, of bigger ones (a GPU or MPI library is mostly code that a start
 //! does not run) the parts the loader reads ([`loader_ranges`]). `launch-bench`, old and new
 //! binaries interleaved: `/bin/true` 1.04× → 0.94-0.98× ch-run's time, cold Python start
-//! 0.85× → 0.73-0.75×, warm 2.8-2.9× → 2.6× the unpacked directory's. Given a path to the
-//! mount (`FsOptions::mount_root`), the server also reads those ranges ahead through the
-//! kernel, so the page faults find them in the page cache instead of each sending a READ.
+//! 0.85× → 0.73-0.75×, warm 2.8-2.9× → 2.6× the unpacked directory's. Another process can
+//! also read them ahead into the kernel's page cache ([`crate::warm`]).
 //!
 //! The search follows the dynamic loader's, without its cache file: `#!` scripts lead to their
 //! interpreter; `DT_RPATH` (without `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH` (with
@@ -133,13 +132,13 @@ const PARSE_MAX: u64 = 1 << 30;
 /// segments); the code is left to page faults, as it is run only in part (a big library is
 /// mostly code). `found` is told of each file (inode and absolute path without symbolic
 /// links) and those byte ranges as soon as they are known, before they are read, so that
-/// their blocks can be queued; `read` gives a byte range of a file (through the block
-/// cache), or `None`.
+/// their blocks can be queued; `read` gives a byte range of a file (inode and path as for
+/// `found`), or `None`.
 pub fn exec_files(
     img: &Image,
     hint: &ExecHint,
     mut found: impl FnMut(u32, &Path, &[Range<u64>]),
-    mut read: impl FnMut(u32, Range<u64>) -> Option<Vec<u8>>,
+    mut read: impl FnMut(u32, &Path, Range<u64>) -> Option<Vec<u8>>,
 ) {
     let Some((ino, path)) = hint.candidates.iter().find_map(|c| {
         let abs = if c.is_absolute() {
@@ -162,7 +161,7 @@ pub fn exec_files(
     while let Some((ino, path, main)) = queue.pop_front() {
         let size = img.attr(ino).map_or(0, |a| a.size);
         let head_range = 0..size.min(HEAD);
-        let Some(head) = read(ino, head_range.clone()) else {
+        let Some(head) = read(ino, &path, head_range.clone()) else {
             found(ino, &path, std::slice::from_ref(&head_range));
             continue;
         };
@@ -199,7 +198,7 @@ pub fn exec_files(
         let mut sparse = vec![0u8; size as usize];
         let mut complete = true;
         for r in &loader_ranges(&head, size) {
-            match read(ino, r.clone()) {
+            match read(ino, &path, r.clone()) {
                 Some(b) if b.len() as u64 == r.end - r.start => {
                     sparse[r.start as usize..r.end as usize].copy_from_slice(&b);
                 }

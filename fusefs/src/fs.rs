@@ -38,13 +38,10 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -106,14 +103,6 @@ pub struct FsOptions {
     /// interpreter and shared libraries are found ([`crate::exec`]) and their blocks
     /// decompressed ahead on the workers (at most half the cache).
     pub exec: Option<crate::exec::ExecHint>,
-    /// A path at which this filesystem's mount is reachable from the server: the mount
-    /// point, or for `launch`, `/proc/PID/fd/N` of launch's descriptor of the mount (which
-    /// lives in a mount namespace the server is not in). When set, the files of `exec` are
-    /// also read ahead through it, so that their pages are in the kernel's page cache before
-    /// the program faults them in. Opened only while that prefetch runs: a descriptor of
-    /// the mount held by the server would keep the filesystem, and so the server, alive
-    /// after its last user is gone.
-    pub mount_root: Option<PathBuf>,
 }
 
 impl Default for FsOptions {
@@ -127,7 +116,6 @@ impl Default for FsOptions {
             store: true,
             record_hot: None,
             exec: None,
-            mount_root: None,
         }
     }
 }
@@ -425,37 +413,13 @@ impl ReadJob {
 /// Decompress ahead, on the workers, the blocks of the files a start of `hint`'s program
 /// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The parts the search
 /// looks inside are read here through the cache ([`Inner::read`]: a block a worker or a
-/// reader is already loading is waited for, not loaded twice). With a `mount_root`, the
-/// same ranges are also read ahead through the kernel ([`kernel_read_ahead`]).
-fn prefetch_exec(
-    inner: &Inner,
-    hint: &crate::exec::ExecHint,
-    mount_root: Option<&Path>,
-    tx: &Sender<u32>,
-    budget: u64,
-) {
-    let (mut left, mut kernel_left) = (budget, budget);
-    // Opened here (after INIT: this thread starts from `init`), closed when this thread
-    // ends (see `FsOptions::mount_root`).
-    let root = mount_root.and_then(|r| {
-        nix::fcntl::open(
-            r,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()
-    });
+/// reader is already loading is waited for, not loaded twice).
+fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, budget: u64) {
+    let mut left = budget;
     crate::exec::exec_files(
         &inner.img,
         hint,
-        |ino, path, ranges| {
-            let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-            if let Some(root) = &root
-                && bytes <= kernel_left
-            {
-                kernel_left -= bytes;
-                kernel_read_ahead(root, path, ranges);
-            }
+        |ino, _, ranges| {
             let Ok(extents) = inner.img.extents(ino) else {
                 return;
             };
@@ -481,7 +445,7 @@ fn prefetch_exec(
                 }
             }
         },
-        |ino, range| {
+        |ino, _, range| {
             let mut bytes = None;
             let len = u32::try_from(range.end - range.start).ok()?;
             inner
@@ -492,50 +456,11 @@ fn prefetch_exec(
     );
 }
 
-/// Ask the kernel to read `ranges` of the file at `path` (absolute in the image, without
-/// symbolic links) under the mount `root`, asynchronously: its READ requests reach this
-/// server like any other and fill the page cache, so the program finds the pages there
-/// instead of sending a READ per fault (`launch img -- /bin/true`: 21 READs of the program,
-/// `ld.so` and `libc` during the exec without, 3 with). The kernel reads at most one
-/// read-ahead window (128 KiB unless raised) per call. Nothing here can fail the start.
-fn kernel_read_ahead(root: &OwnedFd, path: &Path, ranges: &[std::ops::Range<u64>]) {
-    use nix::fcntl::{OpenHow, PosixFadviseAdvice, ResolveFlag};
-    const STEP: u64 = 128 << 10;
-    let Ok(rel) = path.strip_prefix("/") else {
-        return;
-    };
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
-        .resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_SYMLINKS
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                | ResolveFlag::RESOLVE_NO_XDEV,
-        );
-    let Ok(fd) = nix::fcntl::openat2(root, rel, how) else {
-        return;
-    };
-    for r in ranges {
-        let mut at = r.start - r.start % STEP;
-        while at < r.end {
-            let (Ok(off), Ok(len)) = (i64::try_from(at), i64::try_from(STEP)) else {
-                return;
-            };
-            if nix::fcntl::posix_fadvise(&fd, off, len, PosixFadviseAdvice::POSIX_FADV_WILLNEED)
-                .is_err()
-            {
-                return;
-            }
-            at += STEP;
-        }
-    }
-}
-
 /// Whether more tasks are runnable than twice the cores plus two (`/proc/loadavg`'s running
 /// count; a single start on 2 cores sees 3 to 6): decompressing ahead pays only with a core
 /// to spare. With 64 containers started at once without `--join`, each server prefetching
 /// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
-fn cpu_busy() -> bool {
+pub fn cpu_busy() -> bool {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -788,10 +713,9 @@ impl CimgFs {
         {
             let inner = self.inner.clone();
             let budget = self.opts.cache_size / 2;
-            let root = self.opts.mount_root.clone();
             std::thread::Builder::new()
                 .name("cimg-exec".into())
-                .spawn(move || prefetch_exec(&inner, &hint, root.as_deref(), &tx, budget))?;
+                .spawn(move || prefetch_exec(&inner, &hint, &tx, budget))?;
         }
         let hot = self.inner.img.summary().hot_blocks;
         if self.opts.prefetch_hot && hot > 0 {

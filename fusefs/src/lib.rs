@@ -7,6 +7,8 @@
 //! - [`cache`]: the bounded, sharded, coalescing block cache.
 //! - [`exec`]: the files a program's start reads (program, ELF interpreter, libraries), for
 //!   the server to decompress ahead.
+//! - [`warm`]: read those files and the hot files ahead into the kernel's page cache, from a
+//!   process other than the server (`launch` forks one).
 //! - [`mount`] / [`Server`]: mount an image and serve it ([`Server::run`]). Several event
 //!   loops run, each on its own cloned `/dev/fuse` fd (`Config { n_threads, clone_fd: true }`).
 //!   As root (or in a user namespace owning its mount namespace) this crate calls mount(2)
@@ -20,6 +22,7 @@
 pub mod cache;
 pub mod exec;
 pub mod fs;
+pub mod warm;
 
 pub use fs::{CimgFs, FsOptions};
 

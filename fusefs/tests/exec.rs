@@ -42,7 +42,7 @@ fn found_ranges(img: &Image, hint: &ExecHint) -> Vec<(PathBuf, u64)> {
                 ranges.iter().map(|r| r.end - r.start).sum(),
             ))
         },
-        |ino, range| {
+        |ino, _, range| {
             let mut buf = vec![0u8; (range.end - range.start) as usize];
             let n = img.read_at(ino, range.start, &mut buf).ok()?;
             buf.truncate(n);

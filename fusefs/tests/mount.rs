@@ -752,22 +752,25 @@ fn host_usr_matches_source() {
     m.unmount();
 }
 
+/// Under `dir`: `src` with the files `names` (in `src/d` too) of `len` random text bytes
+/// each; the paths of `src`, an image file and a mount point (neither made).
+fn text_tree(dir: &Path, seed: u64, names: &[&str], len: usize) -> (PathBuf, PathBuf, PathBuf) {
+    let (src, img, mnt) = (dir.join("src"), dir.join("img.cimg"), dir.join("mnt"));
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    let mut r = Rng(seed);
+    for n in names {
+        fs::write(src.join(n), r.text(len)).expect("write");
+    }
+    (src, img, mnt)
+}
+
 #[test]
 fn record_hot_lists_first_reads_and_packs_hot() {
     if !fuse_available() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
-    fs::create_dir_all(src.join("d")).expect("mkdir");
-    let mut r = Rng(5);
-    for n in ["a", "b", "c", "d/e", "unread"] {
-        fs::write(src.join(n), r.text(200_000)).expect("write");
-    }
+    let (src, img, mnt) = text_tree(tmp.path(), 5, &["a", "b", "c", "d/e", "unread"], 200_000);
     pack(&src, &img, 16);
     let hot = tmp.path().join("hot.txt");
     let m = mount(&img, &mnt, &["--record-hot", hot.to_str().expect("utf-8")]);
@@ -875,11 +878,11 @@ fn resident(file: &Path) -> u64 {
         .expect("fincore's RES")
 }
 
-/// Told the program about to start and where its mount is, the server reads the program's
-/// shared libraries ahead into the kernel's page cache, before anything runs (what `launch`
-/// does for its command); without the mount's path, only into its own block cache.
+/// Another process (`launch` forks one) reads a program's files ahead into the kernel's page
+/// cache through the mount, before the program runs: libc, which nothing else reads here,
+/// ends up all resident.
 #[test]
-fn exec_hint_reads_the_libraries_into_the_page_cache() {
+fn warm_reads_a_program_s_libraries_into_the_page_cache() {
     if !fuse_available() {
         return;
     }
@@ -896,39 +899,22 @@ fn exec_hint_reads_the_libraries_into_the_page_cache() {
         .into_iter()
         .find(|p| p.file_name().is_some_and(|n| n == "libc.so.6"))
         .expect("the host's true links libc.so.6");
-    let rel = libc.strip_prefix(&root).expect("in the tree").to_path_buf();
+    let lib = mnt.join(libc.strip_prefix(&root).expect("in the tree"));
     let size = fs::metadata(&libc).expect("stat libc").len();
-    let page = 4096;
 
-    for with_root in [false, true] {
-        let mut opts = cimg_fuse::MountOptions::default();
-        opts.fs.exec = Some(cimg_fuse::exec::ExecHint {
-            candidates: vec![PathBuf::from("/usr/bin/true")],
-            cwd: PathBuf::from("/"),
-            library_path: Vec::new(),
-        });
-        opts.fs.mount_root = with_root.then(|| mnt.clone());
-        let mut server = cimg_fuse::mount(&img, &mnt, &opts).expect("mount");
-        let guard = Mounted(mnt.clone());
-        let mut unmounter = server.unmounter();
-        let serving = std::thread::spawn(move || server.run());
-        let lib = mnt.join(&rel);
-        if with_root {
-            wait_until("libc read ahead into the page cache", || {
-                resident(&lib) >= size / page * page
-            });
-        } else {
-            // The block prefetch is done well within this; nothing reaches the page cache.
-            std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(resident(&lib), 0, "no read of libc went through the kernel");
-        }
-        unmounter.unmount().expect("unmount");
-        serving
-            .join()
-            .expect("server thread")
-            .expect("the server stops cleanly");
-        std::mem::forget(guard);
-    }
+    let m = mount(&img, &mnt, &[]);
+    assert_eq!(resident(&lib), 0, "nothing read libc yet");
+    let hint = cimg_fuse::exec::ExecHint {
+        candidates: vec![PathBuf::from("/usr/bin/true")],
+        cwd: PathBuf::from("/"),
+        library_path: Vec::new(),
+    };
+    let image = Image::open(&img).expect("open");
+    cimg_fuse::warm::read_ahead(&image, &mnt, Some(&hint), u64::MAX);
+    wait_until("libc read ahead into the page cache", || {
+        resident(&lib) >= size / 4096 * 4096
+    });
+    m.unmount();
 }
 
 /// Every regular file under `dir`.
@@ -944,4 +930,43 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The hot files of an image (those of `pack --hot`) are read ahead into the page cache in
+/// hot-list order, and no other file.
+#[test]
+fn warm_reads_the_hot_files_into_the_page_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = text_tree(tmp.path(), 9, &["a", "b", "d/e", "cold"], 300_000);
+    let opts = PackOptions {
+        block_log: 16,
+        hot: cimg_format::writer::parse_hot_list(b"/d/e\n/a\n"),
+        ..PackOptions::default()
+    };
+    pack_dir(&src, &img, &opts, &|_, _| {}).expect("pack --hot");
+    let image = Image::open(&img).expect("open");
+    let blocks = u32::try_from(image.summary().hot_blocks).expect("few blocks");
+    let hot: Vec<PathBuf> = cimg_fuse::warm::hot_files(&image, blocks)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(
+        hot,
+        [Path::new("/d/e"), Path::new("/a")],
+        "in hot-list order"
+    );
+
+    let m = mount(&img, &mnt, &[]);
+    cimg_fuse::warm::read_ahead(&image, &mnt, None, u64::MAX);
+    let full = 300_000 / 4096 * 4096;
+    wait_until("the hot files in the page cache", || {
+        resident(&mnt.join("d/e")) >= full && resident(&mnt.join("a")) >= full
+    });
+    assert_eq!(resident(&mnt.join("b")), 0, "b is not hot");
+    assert_eq!(resident(&mnt.join("cold")), 0, "cold is not hot");
+    assert!(fs::read(mnt.join("a")).expect("read") == fs::read(src.join("a")).expect("read"));
+    m.unmount();
 }

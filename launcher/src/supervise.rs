@@ -431,7 +431,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             .ok();
             // /dev/fuse can be read only once it is mounted: now the server may start. It
             // is told the number of launch's descriptor of the mount, to read the program's
-            // files ahead through it (see `cimg_fuse::FsOptions::mount_root`).
+            // files ahead through it (see `server_main`).
             let go = match &fuse_root {
                 Some(r) => format!("g{}", r.as_raw_fd()),
                 None => "g".to_string(),
@@ -901,13 +901,22 @@ fn server_main(
             .ok()
             .and_then(|t| t.parse().ok());
         drop(go);
-        let mut opts = opts.clone();
-        if let Some(fd) = root_fd {
-            // The mount lives in launch's mount namespace, not in this one: reach it through
-            // launch's descriptor (opened only while the prefetch threads work).
-            opts.fs.mount_root = Some(PathBuf::from(format!("/proc/{parent}/fd/{fd}")));
+        // The command's files and the hot files are read ahead into the page cache by a
+        // process of their own (`cimg_fuse::warm` says why not by this one), forked while
+        // this one is single-threaded, when a core is to spare. The mount lives in launch's
+        // mount namespace, not in this one: it is reached through launch's descriptor.
+        if let Some(fd) = root_fd
+            && (opts.fs.exec.is_some() || img.summary().hot_blocks > 0)
+            && !cimg_fuse::fs::cpu_busy()
+        {
+            let me = Pid::this();
+            if let Ok(Forked::Child) = fork() {
+                drop((fuse, ready, group));
+                let root = PathBuf::from(format!("/proc/{parent}/fd/{fd}"));
+                warm_main(&img, &root, opts, me);
+            }
         }
-        let server = cimg_fuse::attach_fd(img, fuse, name, &opts).map_err(|e| e.to_string())?;
+        let server = cimg_fuse::attach_fd(img, fuse, name, opts).map_err(|e| e.to_string())?;
         // From now on the server outlives launch as long as the container lives, but it must
         // not keep launch's stderr open (a caller reading it would wait for the container's
         // last daemon): when launch exits, SIGUSR1 arrives and stderr becomes /dev/null.
@@ -943,6 +952,28 @@ fn server_main(
             std::process::exit(1)
         }
     }
+}
+
+/// The FUSE server's helper: read the command's files and the hot files ahead into the page
+/// cache through the mount at `root` ([`cimg_fuse::warm::read_ahead`]), then exit. It dies
+/// with the server, holds none of its descriptors, and stops once launch (whose descriptor
+/// `root` names) has exited.
+fn warm_main(
+    img: &cimg_format::Image,
+    root: &Path,
+    opts: &cimg_fuse::MountOptions,
+    server: Pid,
+) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if getppid() == server {
+        let _ = nix::sys::prctl::set_name(c"cimg-warm");
+        if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        let budget = opts.fs.cache_size / 2;
+        cimg_fuse::warm::read_ahead(img, root, opts.fs.exec.as_ref(), budget);
+    }
+    std::process::exit(0)
 }
 
 /// The app's process inside the container, before it execs, sharing launch's memory

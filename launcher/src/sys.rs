@@ -67,12 +67,13 @@ pub enum Forked {
 }
 
 /// fork(2). Callers fork only while the process is single-threaded (the launcher never
-/// starts a thread; the FUSE server starts its threads after its own fork), so the child may
-/// allocate and do anything the parent could.
+/// starts a thread; the FUSE server forks its read-ahead helper, then starts its threads), so
+/// the child may allocate and do anything the parent could.
 pub fn fork() -> Result<Forked, Errno> {
-    // SAFETY: the launcher process is single-threaded whenever it forks (it starts no
-    // threads; `cimg_format::Image::open` joins any helper threads before returning), so no
-    // lock (allocator, stdio) can be held by another thread in the child.
+    // SAFETY: the launcher process, and the FUSE server before it starts serving, are
+    // single-threaded whenever they fork (`cimg_format::Image::open` joins any helper threads
+    // before returning), so no lock (allocator, stdio) can be held by another thread in the
+    // child.
     match unsafe { nix::unistd::fork() }? {
         ForkResult::Parent { child } => Ok(Forked::Parent(child)),
         ForkResult::Child => Ok(Forked::Child),
