@@ -4,7 +4,9 @@
 //! launch (supervisor)   user ns U, mount ns B: builds the root on a staging tmpfs over /tmp,
 //!  │                    then pivot_root's into it (the host's root is detached)
 //!  ├─ FUSE server       ns U, its own mount ns C (a copy made before anything was mounted,
-//!  │                    so without the image's mount); its own session
+//!  │   │                so without the image's mount); its own session
+//!  │   └─ cimg-warm     reads the command's files and the hot files ahead into the page
+//!  │                    cache through launch's descriptor of the mount, then exits
 //!  └─ app (exec'd CMD)  forked by launch inside the container (ns U, B)
 //! ```
 //!
