@@ -12,8 +12,9 @@
 //! which the server's death does.
 //!
 //! The work holds the mount's root open, which keeps the filesystem (and so its server)
-//! alive: the root is reopened for each file and the work stops once that fails, so the
-//! caller can end it by closing the descriptor the path names.
+//! alive: the program's files (at most 64) are read through one opening of it, and for the
+//! hot files it is reopened for each file and the work stops once that fails, so the caller
+//! can end it by closing the descriptor the path names.
 
 use crate::exec::ExecHint;
 use cimg_format::{FileKind, Image};

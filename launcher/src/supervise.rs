@@ -958,8 +958,9 @@ fn server_main(
 
 /// The FUSE server's helper: read the command's files and the hot files ahead into the page
 /// cache through the mount at `root` ([`cimg_fuse::warm::read_ahead`]), then exit. It dies
-/// with the server, holds none of its descriptors, and stops once launch (whose descriptor
-/// `root` names) has exited.
+/// with the server and holds none of its `/dev/fuse`, pipe or socket descriptors (the caller
+/// closed them), so it can never keep the server or launch waiting; it stops once launch
+/// (whose descriptor `root` names) has exited.
 fn warm_main(
     img: &cimg_format::Image,
     root: &Path,
