@@ -907,15 +907,20 @@ fn server_main(
         // process of their own (`cimg_fuse::warm` says why not by this one), forked while
         // this one is single-threaded, when a core is to spare. The mount lives in launch's
         // mount namespace, not in this one: it is reached through launch's descriptor.
+        let mut helper = None;
         if let Some(fd) = root_fd
             && (opts.fs.exec.is_some() || img.summary().hot_blocks > 0)
             && !cimg_fuse::fs::cpu_busy()
         {
             let me = Pid::this();
-            if let Ok(Forked::Child) = fork() {
-                drop((fuse, ready, group));
-                let root = PathBuf::from(format!("/proc/{parent}/fd/{fd}"));
-                warm_main(&img, &root, opts, me);
+            match fork() {
+                Ok(Forked::Child) => {
+                    drop((fuse, ready, group));
+                    let root = PathBuf::from(format!("/proc/{parent}/fd/{fd}"));
+                    warm_main(&img, &root, opts, me);
+                }
+                Ok(Forked::Parent(pid)) => helper = Some(pid),
+                Err(_) => {}
             }
         }
         let server = cimg_fuse::attach_fd(img, fuse, name, opts).map_err(|e| e.to_string())?;
@@ -939,6 +944,14 @@ fn server_main(
             .map_err(|e| e.to_string())?;
         nix::unistd::write(&ready, b"r").map_err(|e| errno_msg("pipe", e))?;
         drop(ready);
+        if let Some(pid) = helper {
+            // Reaped as soon as it is done, so that it does not stay a zombie for as long as
+            // the container lives.
+            std::thread::Builder::new()
+                .name("cimg-reap".into())
+                .spawn(move || waitpid(pid, None))
+                .map_err(|e| e.to_string())?;
+        }
         if let Some((listener, count, image, config)) = group {
             std::thread::Builder::new()
                 .name("join".into())

@@ -184,16 +184,21 @@ set +e; "$LAUNCH" '{img}' -- false; echo status $?
 /// the FUSE server reads them ahead through launch's descriptor of the mount (which lives in
 /// a mount namespace the server is not in), as root and as an ordinary user. The programs
 /// run here touch only part of libc (about 88% of its pages without the read-ahead). The
-/// server skips all prefetching while more tasks are runnable than twice the cores plus two,
+/// helper that reads ahead is gone by then, not left a zombie. The server skips all
+/// prefetching while more tasks are runnable than twice the cores plus two,
 /// which other tests running at the same time can cause: each case gets several tries.
 #[test]
 fn the_command_s_libraries_are_read_ahead() {
     if !capable() {
         return;
     }
-    let check = r#"sleep 0.5; for f in /usr/lib/*/libc.so.6 /usr/lib64/libc.so.6; do [ -f "$f" ] && fincore --bytes --noheadings --output RES,SIZE "$f"; done; true"#;
+    let check = r#"sleep 0.5; for f in /usr/lib/*/libc.so.6 /usr/lib64/libc.so.6; do [ -f "$f" ] && fincore --bytes --noheadings --output RES,SIZE "$f"; done; for d in /proc/[0-9]*; do read -r p c st pp rest < $d/stat 2>/dev/null && [ "$c" = "(cimg-warm)" ] && [ "$st" = Z ] && [ "$pp" != 1 ] && echo "helper left: $p $c $st $pp"; done; true"#;
     let all_resident = |o: &std::process::Output| {
         let s = ok(o);
+        // The helper is done with a few MiB long before, and its server has reaped it: no
+        // zombie helper whose server lives. (A helper whose server died first, as when a
+        // test SIGKILLs one, is reaped by init: its zombie, parent 1, may linger here.)
+        assert!(!s.contains("helper left"), "{s}");
         let nums: Vec<u64> = s
             .split_whitespace()
             .map(|n| n.parse().expect("fincore's numbers"))
