@@ -461,7 +461,7 @@ fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, 
 /// to spare. With 64 containers started at once without `--join`, each server prefetching
 /// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
 pub fn cpu_busy() -> bool {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::cores();
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| {

@@ -78,7 +78,7 @@ fn options(a: &Args) -> MountOptions {
     }
     // Twice the cores: a worker waiting for the image's bytes leaves its core to another (a
     // cold sequential read of a 1 GiB file on 2 cores: about 500 MB/s with 2, 800 with 4).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cimg_fuse::cores();
     o.fs.workers = a.workers.unwrap_or((2 * cores).clamp(4, 16));
     o.fs.record_hot = a.record_hot.clone();
     o
