@@ -27,7 +27,10 @@
 //! read at mount in the background: the stored range streams in 4 MiB reads and one thread
 //! of the idle scheduling class (`SCHED_IDLE`) decompresses it, up to half the cache, in the
 //! CPU time the container leaves idle; a read never waits for that thread (it loads the
-//! block itself).
+//! block itself). A block loaded for the first time is pushed into the kernel's page cache
+//! (FUSE_NOTIFY_STORE, on a thread of its own): the rest of the requested file's bytes in it,
+//! and the small files and tails in it of the other files the kernel has looked up or listed
+//! ([`Tails`]), which are then read without asking the daemon.
 
 use crate::cache::{Block, BlockCache};
 use cimg_format::{Attr, Error, FileKind, Image};
@@ -87,8 +90,8 @@ pub struct FsOptions {
     /// Off for a short container start on few cores, where decompressing blocks nobody asks
     /// for takes the CPU from the application (measured by the launcher's benchmark).
     pub read_ahead: bool,
-    /// Push the rest of a freshly decompressed block into the kernel's page cache
-    /// (FUSE_NOTIFY_STORE, on its own thread). Off in `launch`: the kernel takes page locks
+    /// Push the rest of a freshly decompressed block, and the tails in it of the files the
+    /// kernel knows, into the kernel's page cache (FUSE_NOTIFY_STORE, on its own thread). Off in `launch`: the kernel takes page locks
     /// for a store without a way to interrupt it, so a store into pages that a read in flight
     /// has locked waits for that read's answer; if the server is SIGKILLed then, the storing
     /// thread can never exit, the dying server keeps its `/dev/fuse` fds, and the container
@@ -164,31 +167,93 @@ struct Inner {
     /// Recently read blocks, direct-mapped by index modulo [`RECENT`]: whether the reader
     /// of a block just read the one or two before it.
     recent: [AtomicU32; RECENT],
+    /// Tails of the files the kernel knows, by block, pushed when their block is loaded.
+    tails: Tails,
+}
+
+/// Shards of [`Tails::by_block`].
+const TAIL_SHARDS: usize = 16;
+
+/// The small files and file tails (chunks shorter than a block, which share fragment blocks,
+/// FORMAT.md §9) of regular files the kernel holds an inode for (answered by LOOKUP or
+/// READDIRPLUS), indexed by their block. When such a block is loaded, every tail in it is
+/// pushed into the kernel's page cache ([`StoreJob`]), so a later read of those files is
+/// answered by the kernel without a FUSE round trip: reading a tree of small files, most
+/// files cost no READ at all. (The kernel's squashfs keeps a decompressed fragment block in
+/// its fragment cache for the same reason.) A store needs the kernel's inode, hence only
+/// files it was told about; each inode is registered once, and each registration is pushed
+/// at most once.
+struct Tails {
+    /// One bit per inode: registered.
+    known: Box<[AtomicU64]>,
+    by_block: Box<[Mutex<TailMap>]>,
+}
+
+/// Registered tails by block index.
+type TailMap = HashMap<u32, Vec<Tail>>;
+
+/// Bytes of one file inside a decompressed block, to push into the kernel's page cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    ino: u32,
+    /// Where they go in the file (a multiple of the block size).
+    file_offset: u64,
+    /// Where they are in the block.
+    start: u32,
+    len: u32,
+}
+
+impl Tails {
+    fn new(inodes: u32) -> Self {
+        Tails {
+            known: (0..inodes as usize / 64 + 1)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            by_block: (0..TAIL_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, block: u32) -> std::sync::MutexGuard<'_, TailMap> {
+        self.by_block[block as usize % TAIL_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mark `ino` registered; false if it already was.
+    fn first(&self, ino: u32) -> bool {
+        let bit = 1u64 << (ino % 64);
+        self.known
+            .get(ino as usize / 64)
+            .is_some_and(|w| w.fetch_or(bit, Ordering::Relaxed) & bit == 0)
+    }
 }
 
 /// Slots of [`Inner::recent`].
 const RECENT: usize = 16;
 
-/// The rest of a freshly decompressed block, to push into the kernel's page cache for
-/// `ino` with FUSE_NOTIFY_STORE, as the kernel's own squashfs fills the page cache with a
-/// whole block on the first read of any page of it. Later small reads of that block (random
-/// 4 KiB reads, say) are then answered by the kernel without a FUSE round trip. Sent from a
-/// thread of its own: a store can wait on a page that an in-flight read holds locked, and
-/// must never hold up the threads that answer reads.
+/// Parts of a freshly decompressed block to push into the kernel's page cache with
+/// FUSE_NOTIFY_STORE: the rest of the block for the file that asked for part of it, as the
+/// kernel's own squashfs fills the page cache with a whole block on the first read of any
+/// page of it (later small reads of that block, random 4 KiB reads say, are then answered by
+/// the kernel without a FUSE round trip), and the other files' tails in it ([`Tails`]).
+/// Sent to a thread of its own: a store can wait on a page that an in-flight read holds
+/// locked, and must never hold up the threads that answer reads.
 pub struct StoreJob {
-    ino: u32,
-    file_offset: u64,
     block: Arc<Block>,
-    start: usize,
-    len: usize,
+    parts: Vec<Tail>,
 }
 
 /// Push [`StoreJob`]s into the kernel's page cache until the filesystem is dropped.
 pub fn store_loop(notifier: &fuser::Notifier, jobs: &Receiver<StoreJob>) {
     for j in jobs {
-        if let Some(data) = j.block.get(j.start..j.start + j.len) {
-            // A failure (inode evicted meanwhile, old kernel) only costs the optimisation.
-            let _ = notifier.store(fuser::INodeNo(j.ino as u64), j.file_offset, data);
+        for t in &j.parts {
+            let (start, len) = (t.start as usize, t.len as usize);
+            if let Some(data) = j.block.get(start..start + len) {
+                // A failure (inode evicted meanwhile, old kernel) only costs the optimisation.
+                let _ = notifier.store(fuser::INodeNo(t.ino as u64), t.file_offset, data);
+            }
         }
     }
 }
@@ -255,14 +320,76 @@ impl Inner {
     }
 
     /// Block `idx` through the cache; a bad block is logged once, naming `ino` if known.
+    /// When this call loaded it, the registered tails in it are pushed (but `ino`'s: its
+    /// reader is answered from the block).
     fn block(&self, idx: u32, ino: Option<u32>) -> cimg_format::Result<Arc<Block>> {
-        self.cache
-            .get_or_load(idx, || self.load(idx))
+        let mut loaded = false;
+        let data = self
+            .cache
+            .get_or_load(idx, || {
+                loaded = true;
+                self.load(idx)
+            })
             .inspect_err(|e| {
                 if ino.is_some() {
                     self.log_bad(idx, ino, e);
                 }
-            })
+            })?;
+        if loaded {
+            self.push_tails(idx, &data, ino);
+        }
+        Ok(data)
+    }
+
+    /// Register the tail of regular file `a` (see [`Tails`]) if the filesystem pushes into
+    /// the page cache; pushed now if its block is cached, else when the block is loaded.
+    fn note_file(&self, a: &Attr) {
+        if a.kind != FileKind::File || a.size == 0 || self.store.get().is_none() {
+            return;
+        }
+        if !self.tails.first(a.ino) {
+            return;
+        }
+        let bs = self.img.block_size();
+        let last = (a.size - 1) & !(u64::from(bs) - 1);
+        let Ok(Some(ext)) = self.img.extent_at(a.ino, last) else {
+            return;
+        };
+        let Some(b) = ext.block else {
+            return;
+        };
+        if ext.len >= bs {
+            // A full block of its own: a read of it pushes the rest (see `read`).
+            return;
+        }
+        self.tails.shard(b).entry(b).or_default().push(Tail {
+            ino: a.ino,
+            file_offset: ext.file_offset,
+            start: ext.block_offset,
+            len: ext.len,
+        });
+        // The loader of `b` takes the list after the block is ready, so a tail registered
+        // while `b` loads is pushed by one of the two.
+        if let Some(data) = self.cache.get(b) {
+            self.push_tails(b, &data, None);
+        }
+    }
+
+    /// Push the registered tails in block `idx` (`data`), except `skip`'s.
+    fn push_tails(&self, idx: u32, data: &Arc<Block>, skip: Option<u32>) {
+        let Some(tx) = self.store.get() else {
+            return;
+        };
+        let Some(mut parts) = self.tails.shard(idx).remove(&idx) else {
+            return;
+        };
+        parts.retain(|t| Some(t.ino) != skip);
+        if !parts.is_empty() {
+            let _ = tx.try_send(StoreJob {
+                block: data.clone(),
+                parts,
+            });
+        }
     }
 
     fn log_bad(&self, idx: u32, ino: Option<u32>, e: &Error) {
@@ -354,11 +481,13 @@ impl Inner {
                         && let Some(tx) = self.store.get()
                     {
                         let _ = tx.try_send(StoreJob {
-                            ino,
-                            file_offset: ext.file_offset,
                             block: data,
-                            start: ext.block_offset as usize,
-                            len: ext.len as usize,
+                            parts: vec![Tail {
+                                ino,
+                                file_offset: ext.file_offset,
+                                start: ext.block_offset,
+                                len: ext.len,
+                            }],
                         });
                     }
                 }
@@ -642,6 +771,7 @@ impl CimgFs {
     /// A filesystem over `img`.
     pub fn new(img: Image, opts: FsOptions) -> Self {
         let blksize = img.block_size();
+        let img_inodes = img.inode_count();
         let inner = Arc::new(Inner {
             img,
             cache: BlockCache::new(opts.cache_size),
@@ -650,6 +780,7 @@ impl CimgFs {
             store: std::sync::OnceLock::new(),
             prefetch: std::sync::OnceLock::new(),
             recent: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
+            tails: Tails::new(img_inodes),
         });
         let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
@@ -759,7 +890,11 @@ impl CimgFs {
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FResult<Option<FileAttr>> {
         let img = &self.inner.img;
         match img.lookup(ino(parent)?, name.as_bytes())? {
-            Some(i) => Ok(Some(file_attr(&img.attr(i)?, self.inner.blksize))),
+            Some(i) => {
+                let a = img.attr(i)?;
+                self.inner.note_file(&a);
+                Ok(Some(file_attr(&a, self.inner.blksize)))
+            }
             None => Ok(None),
         }
     }
@@ -1106,18 +1241,25 @@ impl Filesystem for CimgFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let blksize = self.inner.blksize;
+        let inner = &self.inner;
         let r = self.do_readdir(
             ino,
             offset,
             |i, next, name, _, a| match a {
-                Some(a) => reply.add(
-                    INodeNo(i.into()),
-                    next,
-                    name,
-                    &TTL,
-                    &file_attr(a, blksize),
-                    Generation(0),
-                ),
+                Some(a) => {
+                    let full = reply.add(
+                        INodeNo(i.into()),
+                        next,
+                        name,
+                        &TTL,
+                        &file_attr(a, blksize),
+                        Generation(0),
+                    );
+                    if !full {
+                        inner.note_file(a);
+                    }
+                    full
+                }
                 None => true,
             },
             true,

@@ -970,3 +970,58 @@ fn warm_reads_the_hot_files_into_the_page_cache() {
     assert!(fs::read(mnt.join("a")).expect("read") == fs::read(src.join("a")).expect("read"));
     m.unmount();
 }
+
+/// Reading one small file pushes the other small files and file tails of its block, those of
+/// files the kernel has been told about (here by a directory listing), into the page cache:
+/// they are resident before anyone reads them, and read back exactly as packed.
+#[test]
+fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    let dir = src.join("small");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let mut r = Rng(17);
+    // Sizes that end inside a page, on a page boundary, and a file of two chunks (a full
+    // 64 KiB block and a tail in the shared block).
+    let sizes = [1, 700, 4096, 5000, 12_345, 65_536 + 3000];
+    // 12 files: their tails, 50 KiB, share one 64 KiB block.
+    for k in 0..12 {
+        let len = sizes[k % sizes.len()];
+        fs::write(dir.join(format!("f{k:02}")), r.text(len)).expect("write");
+    }
+    pack(&src, &img, 16);
+    let m = mount(&img, &mnt, &[]);
+    let small = mnt.join("small");
+    let mut names: Vec<PathBuf> = fs::read_dir(&small)
+        .expect("list (READDIRPLUS)")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 12);
+    for p in &names {
+        assert_eq!(resident(p), 0, "{} read before anyone asked", p.display());
+    }
+    let first = fs::read(&names[0]).expect("read f00");
+    assert_eq!(first, fs::read(dir.join("f00")).expect("source"));
+    // The file of 65,536 + 3000 bytes has a full block of its own, not pushed by this read:
+    // only its tail is.
+    for p in &names[1..] {
+        let len = fs::metadata(p).expect("stat").len();
+        let tail = len % 65_536;
+        wait_until(&format!("{} pushed", p.display()), || {
+            resident(p) >= tail.div_ceil(4096) * 4096
+        });
+    }
+    for (k, p) in names.iter().enumerate() {
+        let want = fs::read(dir.join(format!("f{k:02}"))).expect("source");
+        assert_eq!(fs::read(p).expect("read"), want, "{}", p.display());
+    }
+    m.unmount();
+}
