@@ -874,3 +874,25 @@ fn verbose_and_quiet() {
     let o = launch(&["-q", &img(), "--", "true"]);
     assert_eq!(err(&o), "");
 }
+
+/// `launch` loads no `libgcc_s` (build.rs links the static unwinder): one library less per
+/// start of every rank.
+#[test]
+fn launch_needs_only_libc() {
+    let o = Command::new("readelf")
+        .args(["--dynamic", env!("CARGO_BIN_EXE_launch")])
+        .output()
+        .expect("run readelf (binutils)");
+    assert!(o.status.success(), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let needed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(needed.contains(&"libc.so.6"), "{text}");
+    assert!(
+        !needed.iter().any(|n| n.starts_with("libgcc_s")),
+        "{needed:?}"
+    );
+}
