@@ -47,7 +47,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -182,11 +182,16 @@ const TAIL_SHARDS: usize = 16;
 /// files cost no READ at all. (The kernel's squashfs keeps a decompressed fragment block in
 /// its fragment cache for the same reason.) A store needs the kernel's inode, hence only
 /// files it was told about; each inode is registered once, and each registration is pushed
-/// at most once.
+/// at most once. The registrations waiting for their block are bounded (by a 32nd of the
+/// block cache's size, [`Tails::new`]): a walk of millions of files that reads none of them
+/// does not grow the daemon without bound; files listed past the bound are read as usual.
 struct Tails {
     /// One bit per inode: registered.
     known: Box<[AtomicU64]>,
     by_block: Box<[Mutex<TailMap>]>,
+    /// Registrations waiting for their block, and the most allowed.
+    pending: AtomicUsize,
+    max_pending: usize,
 }
 
 /// Registered tails by block index.
@@ -204,8 +209,13 @@ pub struct Tail {
 }
 
 impl Tails {
-    fn new(inodes: u32) -> Self {
+    /// For `inodes` inodes, and a block cache of `cache_size` bytes: at most a 32nd of it in
+    /// waiting registrations (8 MiB, some 260,000 files, with the default 256 MiB cache).
+    fn new(inodes: u32, cache_size: u64) -> Self {
+        let per = std::mem::size_of::<Tail>() + 8; // the record, and the map's share of it
         Tails {
+            pending: AtomicUsize::new(0),
+            max_pending: usize::try_from(cache_size / 32).unwrap_or(usize::MAX) / per,
             known: (0..inodes as usize / 64 + 1)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -347,7 +357,9 @@ impl Inner {
         if a.kind != FileKind::File || a.size == 0 || self.store.get().is_none() {
             return;
         }
-        if !self.tails.first(a.ino) {
+        if self.tails.pending.load(Ordering::Relaxed) >= self.tails.max_pending
+            || !self.tails.first(a.ino)
+        {
             return;
         }
         let bs = self.img.block_size();
@@ -362,6 +374,7 @@ impl Inner {
             // A full block of its own: a read of it pushes the rest (see `read`).
             return;
         }
+        self.tails.pending.fetch_add(1, Ordering::Relaxed);
         self.tails.shard(b).entry(b).or_default().push(Tail {
             ino: a.ino,
             file_offset: ext.file_offset,
@@ -383,6 +396,7 @@ impl Inner {
         let Some(mut parts) = self.tails.shard(idx).remove(&idx) else {
             return;
         };
+        self.tails.pending.fetch_sub(parts.len(), Ordering::Relaxed);
         parts.retain(|t| Some(t.ino) != skip);
         if !parts.is_empty() {
             let _ = tx.try_send(StoreJob {
@@ -780,7 +794,7 @@ impl CimgFs {
             store: std::sync::OnceLock::new(),
             prefetch: std::sync::OnceLock::new(),
             recent: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
-            tails: Tails::new(img_inodes),
+            tails: Tails::new(img_inodes, opts.cache_size),
         });
         let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);

@@ -1025,3 +1025,48 @@ fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
     }
     m.unmount();
 }
+
+/// The registrations waiting for their block are bounded by a 32nd of the cache: with a
+/// 128 KiB cache, 128 of them (32 bytes each). Listing 300 small files of one block and
+/// reading the first pushes the next 127 listed, and no more; every file still reads back
+/// as packed.
+#[test]
+fn the_files_waiting_for_a_push_are_bounded_by_the_cache_size() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    let dir = src.join("many");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let mut r = Rng(23);
+    for k in 0..300 {
+        fs::write(dir.join(format!("f{k:03}")), r.text(100)).expect("write");
+    }
+    pack(&src, &img, 16);
+    let m = mount(&img, &mnt, &["--cache-size", "128K"]);
+    let many = mnt.join("many");
+    let mut names: Vec<PathBuf> = fs::read_dir(&many)
+        .expect("list (READDIRPLUS)")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 300);
+    fs::read(&names[0]).expect("read f000");
+    wait_until("the registered files pushed", || {
+        names[1..128].iter().all(|p| resident(p) > 0)
+    });
+    // Give any stray push time to land before checking that none came.
+    std::thread::sleep(Duration::from_millis(200));
+    let pushed = names[128..].iter().filter(|p| resident(p) > 0).count();
+    assert_eq!(pushed, 0, "files listed past the bound were pushed");
+    for (k, p) in names.iter().enumerate() {
+        let want = fs::read(dir.join(format!("f{k:03}"))).expect("source");
+        assert_eq!(fs::read(p).expect("read"), want, "{}", p.display());
+    }
+    m.unmount();
+}
