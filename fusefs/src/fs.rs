@@ -106,6 +106,10 @@ pub struct FsOptions {
     /// interpreter and shared libraries are found ([`crate::exec`]) and their blocks
     /// decompressed ahead on the workers (at most half the cache).
     pub exec: Option<crate::exec::ExecHint>,
+    /// A process whose reads only fill the page cache ahead of others (`launch`'s read-ahead
+    /// helper, [`crate::warm`]): its reads that must load blocks wait behind everyone
+    /// else's, so that the application is never queued behind its own read-ahead.
+    pub background_pid: Option<u32>,
 }
 
 impl Default for FsOptions {
@@ -119,6 +123,7 @@ impl Default for FsOptions {
             store: true,
             record_hot: None,
             exec: None,
+            background_pid: None,
         }
     }
 }
@@ -614,16 +619,30 @@ pub fn cpu_busy() -> bool {
         .is_some_and(|r| r > 2 * cores + 2)
 }
 
-/// A worker: answers read jobs first, prefetches when there are none; stops when the
-/// filesystem is dropped (either channel disconnects).
-fn worker(inner: &Inner, jobs: &Receiver<ReadJob>, prefetch: &Receiver<u32>) {
+/// A worker: answers read jobs first, then the background process's reads
+/// ([`FsOptions::background_pid`]), prefetches when there are none; stops when the filesystem
+/// is dropped (a channel disconnects).
+fn worker(
+    inner: &Inner,
+    jobs: &Receiver<ReadJob>,
+    background: &Receiver<ReadJob>,
+    prefetch: &Receiver<u32>,
+) {
     loop {
         if let Ok(job) = jobs.try_recv() {
             job.run(inner);
             continue;
         }
+        if let Ok(job) = background.try_recv() {
+            job.run(inner);
+            continue;
+        }
         crossbeam_channel::select! {
             recv(jobs) -> job => match job {
+                Ok(job) => job.run(inner),
+                Err(_) => return,
+            },
+            recv(background) -> job => match job {
                 Ok(job) => job.run(inner),
                 Err(_) => return,
             },
@@ -657,6 +676,9 @@ pub struct CimgFs {
     /// Reads whose blocks must be loaded, answered by the workers; `None` without workers.
     jobs: Option<Sender<ReadJob>>,
     jobs_rx: Option<Receiver<ReadJob>>,
+    /// The same for the reads of [`FsOptions::background_pid`], taken after the others.
+    background: Option<Sender<ReadJob>>,
+    background_rx: Option<Receiver<ReadJob>>,
     /// Per inode: where the last read ended (sequential-read detection).
     seq: Box<[Mutex<HashMap<u32, u64>>]>,
     /// First-read order of files, with `--record-hot`.
@@ -796,12 +818,20 @@ impl CimgFs {
             recent: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
             tails: Tails::new(img_inodes, opts.cache_size),
         });
-        let (tx, rx, jobs, jobs_rx) = if opts.workers > 0 {
+        let (tx, rx, jobs, jobs_rx, background, background_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
             let (jobs, jobs_rx) = crossbeam_channel::bounded(READ_QUEUE);
-            (Some(tx), Some(rx), Some(jobs), Some(jobs_rx))
+            let (bg, bg_rx) = crossbeam_channel::bounded(READ_QUEUE);
+            (
+                Some(tx),
+                Some(rx),
+                Some(jobs),
+                Some(jobs_rx),
+                Some(bg),
+                Some(bg_rx),
+            )
         } else {
-            (None, None, None, None)
+            (None, None, None, None, None, None)
         };
         if let Some(tx) = &tx
             && opts.read_ahead
@@ -819,6 +849,8 @@ impl CimgFs {
             rx,
             jobs,
             jobs_rx,
+            background,
+            background_rx,
             hot,
             seq: (0..SEQ_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
@@ -844,14 +876,18 @@ impl CimgFs {
 
     /// Start the prefetch workers and the hot-list prefetch (called from `init`).
     fn start_workers(&mut self) -> io::Result<()> {
-        let (Some(rx), Some(jobs)) = (self.rx.take(), self.jobs_rx.take()) else {
+        let (Some(rx), Some(jobs), Some(bg)) = (
+            self.rx.take(),
+            self.jobs_rx.take(),
+            self.background_rx.take(),
+        ) else {
             return Ok(());
         };
         for i in 0..self.opts.workers {
-            let (rx, jobs, inner) = (rx.clone(), jobs.clone(), self.inner.clone());
+            let (rx, jobs, bg, inner) = (rx.clone(), jobs.clone(), bg.clone(), self.inner.clone());
             std::thread::Builder::new()
                 .name(format!("cimg-worker-{i}"))
-                .spawn(move || worker(&inner, &jobs, &rx))?;
+                .spawn(move || worker(&inner, &jobs, &bg, &rx))?;
         }
         if let (Some(hint), Some(tx)) = (self.opts.exec.clone(), self.tx.clone())
             && !cpu_busy()
@@ -1113,6 +1149,7 @@ impl Filesystem for CimgFs {
     fn destroy(&mut self) {
         self.tx = None;
         self.jobs = None;
+        self.background = None;
         if let (Some(hot), Some(out)) = (self.hot.take(), self.opts.record_hot.as_ref()) {
             match hot.write(&self.inner.img, out) {
                 Ok(n) => crate::log(format_args!(
@@ -1181,7 +1218,7 @@ impl Filesystem for CimgFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1203,7 +1240,12 @@ impl Filesystem for CimgFs {
         }
         // Blocks to load: hand the request to a worker so this event loop can take the next
         // one; cached blocks are answered here.
-        if let Some(jobs) = &self.jobs
+        let queue = if self.opts.background_pid.is_some_and(|p| p == req.pid()) {
+            &self.background
+        } else {
+            &self.jobs
+        };
+        if let Some(jobs) = queue
             && !self.inner.all_ready(i, offset, size)
         {
             let job = ReadJob {

@@ -892,6 +892,25 @@ fn server_main(
         }
         unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
         nix::unistd::write(&ready, b"u").map_err(|e| errno_msg("pipe", e))?;
+        // The command's files and the hot files are read ahead into the page cache by a
+        // process of their own (`cimg_fuse::warm` says why not by this one), forked while
+        // this one is single-threaded, when a core is to spare, and while launch mounts (not
+        // between the mount and the kernel's INIT, which launch waits for). The mount lives
+        // in launch's mount namespace, not in this one: the helper reaches it through
+        // launch's descriptor of its root, whose number it is sent once launch has it.
+        let mut helper = None;
+        if (opts.fs.exec.is_some() || img.summary().hot_blocks > 0) && !cimg_fuse::fs::cpu_busy() {
+            let me = Pid::this();
+            let (fd_r, fd_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| errno_msg("pipe", e))?;
+            match fork() {
+                Ok(Forked::Child) => {
+                    drop((fuse, ready, go, group, fd_w));
+                    warm_main(&img, &fd_r, parent, opts, me);
+                }
+                Ok(Forked::Parent(pid)) => helper = Some((pid, fd_r, fd_w)),
+                Err(_) => {}
+            }
+        }
         // "g", then the number of launch's descriptor of the mount's root, if it has one
         // (one write of a few bytes: one read).
         let mut b = [0u8; 16];
@@ -903,27 +922,18 @@ fn server_main(
             .ok()
             .and_then(|t| t.parse().ok());
         drop(go);
-        // The command's files and the hot files are read ahead into the page cache by a
-        // process of their own (`cimg_fuse::warm` says why not by this one), forked while
-        // this one is single-threaded, when a core is to spare. The mount lives in launch's
-        // mount namespace, not in this one: it is reached through launch's descriptor.
-        let mut helper = None;
-        if let Some(fd) = root_fd
-            && (opts.fs.exec.is_some() || img.summary().hot_blocks > 0)
-            && !cimg_fuse::fs::cpu_busy()
-        {
-            let me = Pid::this();
-            match fork() {
-                Ok(Forked::Child) => {
-                    drop((fuse, ready, group));
-                    let root = PathBuf::from(format!("/proc/{parent}/fd/{fd}"));
-                    warm_main(&img, &root, opts, me);
-                }
-                Ok(Forked::Parent(pid)) => helper = Some(pid),
-                Err(_) => {}
+        // The helper learns the descriptor (or, without one, sees end of file and exits);
+        // its reads wait behind everyone else's.
+        let mut opts = opts.clone();
+        let helper = helper.map(|(pid, fd_r, fd_w)| {
+            drop(fd_r);
+            if let Some(fd) = root_fd {
+                let _ = nix::unistd::write(&fd_w, fd.to_string().as_bytes());
             }
-        }
-        let server = cimg_fuse::attach_fd(img, fuse, name, opts).map_err(|e| e.to_string())?;
+            opts.fs.background_pid = u32::try_from(pid.as_raw()).ok();
+            pid
+        });
+        let server = cimg_fuse::attach_fd(img, fuse, name, &opts).map_err(|e| e.to_string())?;
         // From now on the server outlives launch as long as the container lives, but it must
         // not keep launch's stderr open (a caller reading it would wait for the container's
         // last daemon): when launch exits, SIGUSR1 arrives and stderr becomes /dev/null.
@@ -970,13 +980,15 @@ fn server_main(
 }
 
 /// The FUSE server's helper: read the command's files and the hot files ahead into the page
-/// cache through the mount at `root` ([`cimg_fuse::warm::read_ahead`]), then exit. It dies
-/// with the server and holds none of its `/dev/fuse`, pipe or socket descriptors (the caller
-/// closed them), so it can never keep the server or launch waiting; it stops once launch
-/// (whose descriptor `root` names) has exited.
+/// cache through the mount ([`cimg_fuse::warm::read_ahead`]), then exit. The mount is
+/// `/proc/LAUNCH/fd/N`, launch's descriptor of its root, N read from `fd_num` (end of file:
+/// no mount, nothing to do). It dies with the server and holds none of its `/dev/fuse`, pipe
+/// or socket descriptors (the caller closed them), so it can never keep the server or launch
+/// waiting; it stops once launch has exited.
 fn warm_main(
     img: &cimg_format::Image,
-    root: &Path,
+    fd_num: &OwnedFd,
+    launch: Pid,
     opts: &cimg_fuse::MountOptions,
     server: Pid,
 ) -> ! {
@@ -986,8 +998,18 @@ fn warm_main(
         if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stderr(&null);
         }
-        let budget = opts.fs.cache_size / 2;
-        cimg_fuse::warm::read_ahead(img, root, opts.fs.exec.as_ref(), budget);
+        let mut b = [0u8; 16];
+        let fd = match nix::unistd::read(fd_num, &mut b) {
+            Ok(n) => std::str::from_utf8(&b[..n])
+                .ok()
+                .and_then(|t| t.parse::<u32>().ok()),
+            Err(_) => None,
+        };
+        if let Some(fd) = fd {
+            let root = PathBuf::from(format!("/proc/{launch}/fd/{fd}"));
+            let budget = opts.fs.cache_size / 2;
+            cimg_fuse::warm::read_ahead(img, &root, opts.fs.exec.as_ref(), budget);
+        }
     }
     std::process::exit(0)
 }
