@@ -874,7 +874,11 @@ impl CimgFs {
         &self.inner.cache
     }
 
-    /// Start the prefetch workers and the hot-list prefetch (called from `init`).
+    /// Start the prefetch workers and the hot-list prefetch (called from `init`). Only the
+    /// first worker is started here: it starts the others and the prefetch threads itself,
+    /// so that the kernel's INIT is answered after one thread start rather than four or five
+    /// (`launch` waits for INIT). If a later thread cannot be started, the first worker still
+    /// answers every read.
     fn start_workers(&mut self) -> io::Result<()> {
         let (Some(rx), Some(jobs), Some(bg)) = (
             self.rx.take(),
@@ -883,28 +887,41 @@ impl CimgFs {
         ) else {
             return Ok(());
         };
-        for i in 0..self.opts.workers {
-            let (rx, jobs, bg, inner) = (rx.clone(), jobs.clone(), bg.clone(), self.inner.clone());
-            std::thread::Builder::new()
-                .name(format!("cimg-worker-{i}"))
-                .spawn(move || worker(&inner, &jobs, &bg, &rx))?;
-        }
-        if let (Some(hint), Some(tx)) = (self.opts.exec.clone(), self.tx.clone())
-            && !cpu_busy()
-        {
-            let inner = self.inner.clone();
-            let budget = self.opts.cache_size / 2;
-            std::thread::Builder::new()
-                .name("cimg-exec".into())
-                .spawn(move || prefetch_exec(&inner, &hint, &tx, budget))?;
-        }
+        let workers = self.opts.workers;
+        let exec = self
+            .opts
+            .exec
+            .clone()
+            .zip(self.tx.clone())
+            .filter(|_| !cpu_busy());
+        let budget = self.opts.cache_size / 2;
         let hot = self.inner.img.summary().hot_blocks;
-        if self.opts.prefetch_hot && hot > 0 {
-            let inner = self.inner.clone();
-            std::thread::Builder::new()
-                .name("cimg-hot".into())
-                .spawn(move || prefetch_hot(&inner, hot))?;
-        }
+        let hot = (self.opts.prefetch_hot && hot > 0).then_some(hot);
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("cimg-worker-0".into())
+            .spawn(move || {
+                for i in 1..workers {
+                    let (rx, jobs, bg, inner) =
+                        (rx.clone(), jobs.clone(), bg.clone(), inner.clone());
+                    let _ = std::thread::Builder::new()
+                        .name(format!("cimg-worker-{i}"))
+                        .spawn(move || worker(&inner, &jobs, &bg, &rx));
+                }
+                if let Some((hint, tx)) = exec {
+                    let inner = inner.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("cimg-exec".into())
+                        .spawn(move || prefetch_exec(&inner, &hint, &tx, budget));
+                }
+                if let Some(hot) = hot {
+                    let inner = inner.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("cimg-hot".into())
+                        .spawn(move || prefetch_hot(&inner, hot));
+                }
+                worker(&inner, &jobs, &bg, &rx)
+            })?;
         Ok(())
     }
 
