@@ -6,7 +6,8 @@
 //!  ├─ FUSE server       ns U, its own mount ns C (a copy made before anything was mounted,
 //!  │   │                so without the image's mount); its own session
 //!  │   └─ cimg-warm     reads the command's files and the hot files ahead into the page
-//!  │                    cache through launch's descriptor of the mount, then exits
+//!  │                    cache through launch's descriptor of the mount (its reads wait
+//!  │                    behind the container's in the server), then exits
 //!  └─ app (exec'd CMD)  forked by launch inside the container (ns U, B)
 //! ```
 //!
