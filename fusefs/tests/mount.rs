@@ -971,14 +971,15 @@ fn warm_reads_the_hot_files_into_the_page_cache() {
     m.unmount();
 }
 
-/// Reading one small file pushes the other small files and file tails of its block, those of
-/// files the kernel has been told about (here by a directory listing), into the page cache:
-/// they are resident before anyone reads them, and read back exactly as packed.
-#[test]
-fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
-    if !fuse_available() {
-        return;
-    }
+/// Under a temporary directory, a tree of one directory `small` holding a file `fNNN` of random
+/// text per size in `sizes`, packed with 64 KiB blocks and mounted with `args`, the mounted
+/// directory listed (READDIRPLUS): the temporary directory, the mount, the source directory
+/// and the mounted files in name order, none of them read yet.
+fn listed_small_files(
+    seed: u64,
+    sizes: &[usize],
+    args: &[&str],
+) -> (tempfile::TempDir, Mounted, PathBuf, Vec<PathBuf>) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, img, mnt) = (
         tmp.path().join("src"),
@@ -987,29 +988,46 @@ fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
     );
     let dir = src.join("small");
     fs::create_dir_all(&dir).expect("mkdir");
-    let mut r = Rng(17);
-    // Sizes that end inside a page, on a page boundary, and a file of two chunks (a full
-    // 64 KiB block and a tail in the shared block).
-    let sizes = [1, 700, 4096, 5000, 12_345, 65_536 + 3000];
-    // 12 files: their tails, 50 KiB, share one 64 KiB block.
-    for k in 0..12 {
-        let len = sizes[k % sizes.len()];
-        fs::write(dir.join(format!("f{k:02}")), r.text(len)).expect("write");
+    let mut r = Rng(seed);
+    for (k, &len) in sizes.iter().enumerate() {
+        fs::write(dir.join(format!("f{k:03}")), r.text(len)).expect("write");
     }
     pack(&src, &img, 16);
-    let m = mount(&img, &mnt, &[]);
-    let small = mnt.join("small");
-    let mut names: Vec<PathBuf> = fs::read_dir(&small)
+    let m = mount(&img, &mnt, args);
+    let mut names: Vec<PathBuf> = fs::read_dir(mnt.join("small"))
         .expect("list (READDIRPLUS)")
         .map(|e| e.expect("entry").path())
         .collect();
     names.sort();
-    assert_eq!(names.len(), 12);
+    assert_eq!(names.len(), sizes.len());
     for p in &names {
         assert_eq!(resident(p), 0, "{} read before anyone asked", p.display());
     }
-    let first = fs::read(&names[0]).expect("read f00");
-    assert_eq!(first, fs::read(dir.join("f00")).expect("source"));
+    (tmp, m, dir, names)
+}
+
+/// Every mounted file in `names` reads back as its namesake in `src`.
+fn read_back(names: &[PathBuf], src: &Path) {
+    for p in names {
+        let want = fs::read(src.join(p.file_name().expect("a file name"))).expect("source");
+        assert_eq!(fs::read(p).expect("read"), want, "{}", p.display());
+    }
+}
+
+/// Reading one small file pushes the other small files and file tails of its block, those of
+/// files the kernel has been told about (here by a directory listing), into the page cache:
+/// they are resident before anyone reads them, and read back exactly as packed.
+#[test]
+fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
+    if !fuse_available() {
+        return;
+    }
+    // Sizes that end inside a page, on a page boundary, and a file of two chunks (a full
+    // 64 KiB block and a tail in the shared block); twice over, 12 files whose tails (50 KiB)
+    // share one 64 KiB block.
+    let sizes = [1, 700, 4096, 5000, 12_345, 65_536 + 3000].repeat(2);
+    let (_tmp, m, src, names) = listed_small_files(17, &sizes, &[]);
+    fs::read(&names[0]).expect("read the first file");
     // The file of 65,536 + 3000 bytes has a full block of its own, not pushed by this read:
     // only its tail is.
     for p in &names[1..] {
@@ -1019,10 +1037,7 @@ fn a_read_pushes_the_listed_files_of_its_block_into_the_page_cache() {
             resident(p) >= tail.div_ceil(4096) * 4096
         });
     }
-    for (k, p) in names.iter().enumerate() {
-        let want = fs::read(dir.join(format!("f{k:02}"))).expect("source");
-        assert_eq!(fs::read(p).expect("read"), want, "{}", p.display());
-    }
+    read_back(&names, &src);
     m.unmount();
 }
 
@@ -1035,28 +1050,8 @@ fn the_files_waiting_for_a_push_are_bounded_by_the_cache_size() {
     if !fuse_available() {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
-    let dir = src.join("many");
-    fs::create_dir_all(&dir).expect("mkdir");
-    let mut r = Rng(23);
-    for k in 0..300 {
-        fs::write(dir.join(format!("f{k:03}")), r.text(100)).expect("write");
-    }
-    pack(&src, &img, 16);
-    let m = mount(&img, &mnt, &["--cache-size", "128K"]);
-    let many = mnt.join("many");
-    let mut names: Vec<PathBuf> = fs::read_dir(&many)
-        .expect("list (READDIRPLUS)")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    names.sort();
-    assert_eq!(names.len(), 300);
-    fs::read(&names[0]).expect("read f000");
+    let (_tmp, m, src, names) = listed_small_files(23, &[100; 300], &["--cache-size", "128K"]);
+    fs::read(&names[0]).expect("read the first file");
     wait_until("the registered files pushed", || {
         names[1..128].iter().all(|p| resident(p) > 0)
     });
@@ -1064,9 +1059,6 @@ fn the_files_waiting_for_a_push_are_bounded_by_the_cache_size() {
     std::thread::sleep(Duration::from_millis(200));
     let pushed = names[128..].iter().filter(|p| resident(p) > 0).count();
     assert_eq!(pushed, 0, "files listed past the bound were pushed");
-    for (k, p) in names.iter().enumerate() {
-        let want = fs::read(dir.join(format!("f{k:03}"))).expect("source");
-        assert_eq!(fs::read(p).expect("read"), want, "{}", p.display());
-    }
+    read_back(&names, &src);
     m.unmount();
 }
