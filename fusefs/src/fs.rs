@@ -91,12 +91,13 @@ pub struct FsOptions {
     /// for takes the CPU from the application (measured by the launcher's benchmark).
     pub read_ahead: bool,
     /// Push the rest of a freshly decompressed block, and the tails in it of the files the
-    /// kernel knows, into the kernel's page cache (FUSE_NOTIFY_STORE, on its own thread). Off in `launch`: the kernel takes page locks
-    /// for a store without a way to interrupt it, so a store into pages that a read in flight
-    /// has locked waits for that read's answer; if the server is SIGKILLed then, the storing
-    /// thread can never exit, the dying server keeps its `/dev/fuse` fds, and the container
-    /// hangs (seen in CI). `cimg-mount` keeps it: it pays for small random reads, and a
-    /// SIGKILLed daemon in that state is freed by aborting the connection (`umount -f`, or
+    /// kernel knows, into the kernel's page cache (FUSE_NOTIFY_STORE, on its own thread).
+    /// Off in `launch`: the kernel takes page locks for a store without a way to interrupt
+    /// it, so a store into pages that a read in flight has locked waits for that read's
+    /// answer; if the server is SIGKILLed then, the storing thread can never exit, the dying
+    /// server keeps its `/dev/fuse` fds, and the container hangs (seen in CI). `cimg-mount`
+    /// keeps it: it pays for small random reads and small-file trees, and a SIGKILLed daemon
+    /// in that state is freed by aborting the connection (`umount -f`, or
     /// `/sys/fs/fuse/connections/N/abort`).
     pub store: bool,
     /// Record the order in which regular files are first read, and write it here (one path
@@ -204,7 +205,7 @@ type TailMap = HashMap<u32, Vec<Tail>>;
 
 /// Bytes of one file inside a decompressed block, to push into the kernel's page cache.
 #[derive(Debug, Clone, Copy)]
-pub struct Tail {
+struct Tail {
     ino: u32,
     /// Where they go in the file (a multiple of the block size).
     file_offset: u64,
