@@ -191,6 +191,8 @@ const TAIL_SHARDS: usize = 16;
 /// at most once. The registrations waiting for their block are bounded (by a 32nd of the
 /// block cache's size, [`Tails::new`]): a walk of millions of files that reads none of them
 /// does not grow the daemon without bound; files listed past the bound are read as usual.
+/// With `--record-hot` nothing is registered: a pushed file's first read would not reach the
+/// server, and the hot list would miss it.
 struct Tails {
     /// One bit per inode: registered.
     known: Box<[AtomicU64]>,
@@ -817,7 +819,16 @@ impl CimgFs {
             store: std::sync::OnceLock::new(),
             prefetch: std::sync::OnceLock::new(),
             recent: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
-            tails: Tails::new(img_inodes, opts.cache_size),
+            // Recording the first reads needs every first read to reach the server: a file
+            // whose bytes were pushed is read without one, so nothing is registered then.
+            tails: Tails::new(
+                img_inodes,
+                if opts.record_hot.is_some() {
+                    0
+                } else {
+                    opts.cache_size
+                },
+            ),
         });
         let (tx, rx, jobs, jobs_rx, background, background_rx) = if opts.workers > 0 {
             let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);

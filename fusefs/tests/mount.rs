@@ -1062,3 +1062,29 @@ fn the_files_waiting_for_a_push_are_bounded_by_the_cache_size() {
     read_back(&names, &src);
     m.unmount();
 }
+
+/// With `--record-hot`, small files that share a block are not pushed into the page cache
+/// ahead of their reads (the kernel would read them without asking the server, and the hot
+/// list would miss them): listed, then read one by one, every one is recorded, in read order.
+#[test]
+fn record_hot_records_small_files_of_one_block() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hot = tmp.path().join("hot.txt");
+    let hot_arg = hot.to_str().expect("utf-8").to_string();
+    let (_tmp, m, src, names) = listed_small_files(29, &[700; 8], &["--record-hot", &hot_arg]);
+    let order = [3, 0, 7, 1, 6, 2, 5, 4];
+    fs::read(&names[order[0]]).expect("read");
+    // Time for pushes (if any were made) to land before the other files are read.
+    std::thread::sleep(Duration::from_millis(300));
+    for &k in &order[1..] {
+        fs::read(&names[k]).expect("read");
+    }
+    read_back(&names, &src);
+    m.unmount();
+    wait_until("hot list written", || hot.exists());
+    let want: String = order.iter().map(|&k| format!("/small/f{k:03}\n")).collect();
+    assert_eq!(fs::read_to_string(&hot).expect("hot list"), want);
+}
