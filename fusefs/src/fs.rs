@@ -1150,7 +1150,12 @@ fn prefetch_hot(inner: &Inner, hot: u64) {
                 return;
             };
             // Errors are reported to the reader that needs the block (it reads it again).
-            let _ = inner.cache.prefetch(b, || inner.load_from(b, bytes));
+            // A block this loaded pushes its registered tails, as a read's load does.
+            if let Ok(true) = inner.cache.prefetch(b, || inner.load_from(b, bytes))
+                && let Some(data) = inner.cache.get(b)
+            {
+                inner.push_tails(b, &data, None);
+            }
             std::thread::yield_now();
         }
     }
