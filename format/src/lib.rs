@@ -20,6 +20,16 @@ pub use writer::{PackOptions, PackStats, pack_dir};
 use std::io;
 use std::path::PathBuf;
 
+/// The CPUs this process may use (`std::thread::available_parallelism`, which reads the
+/// cgroup's CPU quota: three files), looked up once per process and kept across `fork`: the
+/// reader's and writer's default thread counts and the FUSE driver's (`cimg_fuse::cores`)
+/// share it, so that `launch` reads those files once on its way to the container, not once
+/// per user.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Everything that can go wrong in this crate. Messages are lowercase and name the path or
 /// the offset concerned.
 #[derive(Debug, thiserror::Error)]

@@ -88,10 +88,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             max_metadata: 2 << 30,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .clamp(1, 8),
+            threads: crate::cores().clamp(1, 8),
             parallel_validation_min: PARALLEL_VALIDATION_MIN,
         }
     }

@@ -43,13 +43,9 @@ pub struct MountOptions {
     pub allow_other: bool,
 }
 
-/// The CPUs this process may use (`std::thread::available_parallelism`, which reads the
-/// cgroup's CPU quota: three files), looked up once per process and kept across `fork`, so
-/// that `launch`'s server does not read them again on its way to answering the kernel.
-pub fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
+/// The CPUs this process may use, looked up once per process ([`cimg_format::cores`], shared
+/// with the image reader's thread count).
+pub use cimg_format::cores;
 
 impl Default for MountOptions {
     fn default() -> Self {

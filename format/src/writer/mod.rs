@@ -75,9 +75,7 @@ impl Default for PackOptions {
         PackOptions {
             block_log: 17,
             level: 9,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: crate::cores(),
             hot: Vec::new(),
             root_owned: false,
             config: None,
