@@ -21,7 +21,8 @@ use crate::exec::ExecHint;
 use cimg_format::{FileKind, Image};
 use nix::fcntl::{OFlag, OpenHow, PosixFadviseAdvice, ResolveFlag};
 use nix::sys::stat::Mode;
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::ops::Range;
@@ -29,6 +30,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// The kernel reads at most one read-ahead window per `posix_fadvise(WILLNEED)` call: ask
 /// in pieces of the default window (128 KiB; a raised window only makes them overlap).
@@ -53,18 +55,28 @@ pub fn read_ahead(img: &Image, root: &Path, exec: Option<&ExecHint>, budget: u64
         let Some(dir) = open_root(root) else {
             return;
         };
+        // The search reads a file's headers and then tells its ranges: each file is opened
+        // once (at most 64, closed with `dir`).
+        let files: RefCell<HashMap<u32, Option<Rc<File>>>> = RefCell::default();
+        let file = |ino: u32, path: &Path| {
+            files
+                .borrow_mut()
+                .entry(ino)
+                .or_insert_with(|| open_file(&dir, path).map(Rc::new))
+                .clone()
+        };
         crate::exec::exec_files(
             img,
             hint,
-            |_, path, ranges| {
+            |ino, path, ranges| {
                 if take(ranges.iter().map(|r| r.end - r.start).sum())
-                    && let Some(f) = open_file(&dir, path)
+                    && let Some(f) = file(ino, path)
                 {
                     advise(&f, ranges);
                 }
             },
-            |_, path, range| {
-                let f = open_file(&dir, path)?;
+            |ino, path, range| {
+                let f = file(ino, path)?;
                 let mut buf = vec![0u8; usize::try_from(range.end - range.start).ok()?];
                 let n = f.read_at(&mut buf, range.start).ok()?;
                 buf.truncate(n);
