@@ -1,7 +1,12 @@
 //! The reader: [`Image::open`] validates an image once — superblock, metadata checksum, every
 //! table bound, every inode, directory entry, chunk, block and xattr record, and the directory
 //! graph (no cycles, no directory reachable twice) — and then answers lookup, readdir,
-//! getattr, readlink, xattr and data reads without further metadata I/O.
+//! getattr, readlink, xattr and data reads without further metadata I/O. A lazy open
+//! ([`OpenOptions::lazy`], the FUSE driver's and the launcher's) checks the superblock, the
+//! checksum, the header and the root, and the rest where it is used: each metadata frame is
+//! decompressed the first time one of its records is read, each directory's entries are
+//! checked the first time it is listed or searched, each inode, chunk and block record each
+//! time it is read.
 //!
 //! Opening costs two `pread`s: the superblock and the whole stored metadata. Data blocks are
 //! read with `pread` as well, never `mmap`: an I/O error on a mapped file on a parallel
@@ -21,6 +26,8 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -82,6 +89,16 @@ pub struct OpenOptions {
     /// Directory entries from which validation uses the helper threads (default
     /// [`PARALLEL_VALIDATION_MIN`]; below it one thread is faster).
     pub parallel_validation_min: usize,
+    /// Decompress and check the metadata as it is used (FORMAT.md §13, "lazy reader")
+    /// instead of all of it at open (default `false`). Open then reads and checksums the
+    /// stored metadata, decompresses the frame holding the header and the frames holding
+    /// the blob, and checks the header's counts and the root; every other frame is
+    /// decompressed the first time a record in it is used, every inode is checked each time
+    /// it is read, every directory's entries the first time it is listed or searched, every
+    /// block record and chunk each time it is used. A corruption then fails the call that
+    /// meets it (the FUSE driver answers EIO for it and serves the rest) instead of the open.
+    /// For an image whose metadata is one frame only the checks are deferred.
+    pub lazy: bool,
 }
 
 impl Default for OpenOptions {
@@ -90,6 +107,7 @@ impl Default for OpenOptions {
             max_metadata: 2 << 30,
             threads: crate::cores().clamp(1, 8),
             parallel_validation_min: PARALLEL_VALIDATION_MIN,
+            lazy: false,
         }
     }
 }
@@ -184,7 +202,7 @@ pub struct Image<R = File> {
     label: PathBuf,
     sum: Summary,
     block_log: u8,
-    meta: MetaBuf,
+    meta: Meta,
     hdr: MetaHeader,
     inodes: Range<usize>,
     dirents: Range<usize>,
@@ -196,6 +214,11 @@ pub struct Image<R = File> {
     threads: usize,
     /// From how many directory entries it uses them.
     parallel_validation_min: usize,
+    /// Everything was validated at open; `false` after a lazy open, where each record is
+    /// checked where it is used ([`OpenOptions::lazy`]).
+    checked: bool,
+    /// Lazy open: the directories whose entries passed their checks, one bit per inode.
+    dir_ok: Vec<AtomicU64>,
 }
 
 impl<R> std::fmt::Debug for Image<R> {
@@ -468,14 +491,98 @@ impl std::ops::DerefMut for MetaBuf {
     }
 }
 
-/// A stored metadata frame: its offset in the stored metadata and its bytes.
-type FrameSrc<'a> = (usize, &'a [u8]);
+/// Where each metadata frame lies in the stored metadata (`INCOMPAT_META_FRAMES`: `count`
+/// frames of `1 << log` decompressed bytes, the last one the rest), found by parsing their
+/// headers; the error carries the stored offset of the bad frame.
+fn find_frames(
+    stored: &[u8],
+    raw_len: u64,
+    log: u8,
+) -> std::result::Result<Vec<Range<usize>>, (String, u64)> {
+    let count = raw_len.div_ceil(1u64 << log) as usize;
+    // Each is at least a frame header long, so there are no more of them than stored bytes.
+    let mut frames = Vec::with_capacity(count.min(stored.len()));
+    let mut pos = 0usize;
+    for k in 0..count {
+        let rest = stored.get(pos..).unwrap_or(&[]);
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
+            (
+                format!("metadata frame {k} of {count} does not parse"),
+                pos as u64,
+            )
+        })?;
+        if n == 0 || n > rest.len() {
+            return Err((
+                format!("metadata frame {k} of {count} is cut short"),
+                pos as u64,
+            ));
+        }
+        frames.push(pos..pos + n);
+        pos += n;
+    }
+    if pos != stored.len() {
+        return Err((
+            format!(
+                "{} stored bytes after the last of {count} metadata frames",
+                stored.len() - pos
+            ),
+            pos as u64,
+        ));
+    }
+    Ok(frames)
+}
+
+/// Decompress the consecutive metadata frames `srcs` (ranges of `stored`) into `out`, back to
+/// back, each to exactly its length (`frame_len`, the last one the rest of `out`), with up to
+/// `threads` threads; the first error in stored order, with the frame's stored offset.
+fn decompress_frames(
+    stored: &[u8],
+    srcs: &[Range<usize>],
+    out: &mut [u8],
+    frame_len: usize,
+    threads: usize,
+) -> std::result::Result<(), (String, u64)> {
+    let mut jobs: Vec<(&Range<usize>, &mut [u8])> =
+        srcs.iter().zip(out.chunks_mut(frame_len)).collect();
+    // A queue of frames that the calling thread and up to `threads - 1` helpers empty (if a
+    // helper cannot be started, the others do its share).
+    let queue = std::sync::Mutex::new(jobs.iter_mut());
+    let errors = std::sync::Mutex::new(Vec::new());
+    let work = || {
+        let mut dctx = None;
+        loop {
+            let job = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some((src, out)) = job else { break };
+            let bytes = stored.get((*src).clone()).unwrap_or(&[]);
+            if let Err(why) = decompress_exact(&mut dctx, bytes, out) {
+                errors.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    format!("metadata frame at stored offset {}: {why}", src.start),
+                    src.start as u64,
+                ));
+            }
+        }
+    };
+    let helpers = threads.clamp(1, srcs.len().max(1)) - 1;
+    std::thread::scope(|s| {
+        for _ in 0..helpers {
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    drop(jobs);
+    let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    errors.sort_by_key(|e| e.1);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
 /// Decompress the stored metadata into exactly `raw_len` bytes. With `frame_log` (the
-/// [`INCOMPAT_META_FRAMES`] feature) it is a sequence of zstd frames of `1 << frame_log`
-/// decompressed bytes each (the last one the rest), found by parsing their headers and
-/// decompressed by up to `threads` threads; the error carries the stored offset of the bad
-/// frame.
+/// [`INCOMPAT_META_FRAMES`] feature) it is a sequence of zstd frames decompressed by up to
+/// `threads` threads; the error carries the stored offset of the bad frame.
 fn decompress_meta(
     stored: &[u8],
     raw_len: u64,
@@ -500,75 +607,139 @@ fn decompress_meta(
             Err(e) => Err((format!("metadata does not decompress: {e}"), 0)),
         };
     };
-    let frame_len = 1usize << log;
-    let count = raw_len.div_ceil(frame_len as u64) as usize;
-    // Find the frames: (stored offset, stored bytes). Each is at least a frame header long,
-    // so there are no more of them than stored bytes.
-    let mut frames: Vec<FrameSrc<'_>> = Vec::with_capacity(count.min(stored.len()));
-    let mut pos = 0usize;
-    for k in 0..count {
-        let rest = stored.get(pos..).unwrap_or(&[]);
-        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
-            (
-                format!("metadata frame {k} of {count} does not parse"),
-                pos as u64,
-            )
-        })?;
-        if n == 0 || n > rest.len() {
-            return Err((
-                format!("metadata frame {k} of {count} is cut short"),
-                pos as u64,
-            ));
-        }
-        frames.push((pos, &rest[..n]));
-        pos += n;
-    }
-    if pos != stored.len() {
-        return Err((
-            format!(
-                "{} stored bytes after the last of {count} metadata frames",
-                stored.len() - pos
-            ),
-            pos as u64,
-        ));
-    }
+    let frames = find_frames(stored, raw_len, log)?;
     // Zero-filled by the allocator (fresh pages), written by the decompressors.
     let mut raw = MetaBuf::zeroed(raw_len as usize);
-    let mut jobs: Vec<(FrameSrc<'_>, &mut [u8])> =
-        frames.into_iter().zip(raw.chunks_mut(frame_len)).collect();
-    // A queue of frames that the calling thread and up to `threads - 1` helpers empty (if a
-    // helper cannot be started, the others do its share); the first error in stored order.
-    let queue = std::sync::Mutex::new(jobs.iter_mut());
-    let errors = std::sync::Mutex::new(Vec::new());
-    let work = || {
-        let mut dctx = None;
-        loop {
-            let job = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
-            let Some(((at, src), out)) = job else { break };
-            if let Err(why) = decompress_exact(&mut dctx, src, out) {
-                errors.lock().unwrap_or_else(|p| p.into_inner()).push((
-                    format!("metadata frame at stored offset {at}: {why}"),
-                    *at as u64,
-                ));
-            }
+    decompress_frames(stored, &frames, &mut raw, 1 << log, threads)?;
+    Ok(raw)
+}
+
+/// The decompressed metadata of an open image.
+enum Meta {
+    /// All of it, decompressed at open.
+    Whole(MetaBuf),
+    /// Frame by frame on first use (a lazy open of an image stored as frames).
+    Frames(Box<Frames>),
+}
+
+/// The metadata of a lazy open: the stored frames, each decompressed the first time one of
+/// its bytes is read, except those holding the blob, decompressed at open in one piece so
+/// that names, link targets and xattrs are contiguous.
+struct Frames {
+    stored: Vec<u8>,
+    /// Each frame's bytes in `stored`.
+    srcs: Vec<Range<usize>>,
+    /// File offset of the stored metadata, for errors.
+    at: u64,
+    log: u8,
+    raw_len: usize,
+    /// Frames decompressed so far, or why one does not decompress.
+    out: Vec<OnceLock<std::result::Result<Box<[u8]>, String>>>,
+    /// The frames decompressed at open into `blob_buf`, back to back.
+    blob_frames: Range<usize>,
+    blob_buf: MetaBuf,
+}
+
+impl Frames {
+    /// Frame `k`'s decompressed bytes.
+    fn frame(&self, k: usize) -> Result<&[u8]> {
+        let f = 1usize << self.log;
+        if self.blob_frames.contains(&k) {
+            let a = (k - self.blob_frames.start) * f;
+            return Ok(self
+                .blob_buf
+                .get(a..(a + f).min(self.blob_buf.len()))
+                .unwrap_or(&[]));
         }
-    };
-    let helpers = threads.clamp(1, count.max(1)) - 1;
-    std::thread::scope(|s| {
-        for _ in 0..helpers {
-            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
-                break;
+        let (Some(slot), Some(src)) = (self.out.get(k), self.srcs.get(k)) else {
+            return Err(meta_region_err(
+                format!("metadata frame {k} does not exist"),
+                self.at,
+            ));
+        };
+        let out = slot.get_or_init(|| {
+            thread_local! {
+                static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
             }
-        }
-        work();
-    });
-    drop(jobs);
-    let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
-    errors.sort_by_key(|e| e.1);
-    match errors.into_iter().next() {
-        Some(e) => Err(e),
-        None => Ok(raw),
+            let len = f.min(self.raw_len.saturating_sub(k * f));
+            let mut buf = vec![0u8; len].into_boxed_slice();
+            let bytes = self.stored.get(src.clone()).unwrap_or(&[]);
+            DCTX.with(|d| decompress_exact(&mut d.borrow_mut(), bytes, &mut buf))
+                .map(|()| buf)
+                .map_err(|why| format!("metadata frame at stored offset {}: {why}", src.start))
+        });
+        out.as_deref()
+            .map_err(|why| meta_region_err(why.clone(), self.at + src.start as u64))
     }
+
+    /// Copy metadata bytes `off .. off + out.len()` (within the metadata) into `out`.
+    fn copy(&self, mut off: usize, out: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            let k = off >> self.log;
+            let within = off - (k << self.log);
+            let frame = self.frame(k)?;
+            let src = frame
+                .get(within..)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    meta_err(format!("offset {off} past the end of the metadata"), off)
+                })?;
+            let n = src.len().min(out.len() - done);
+            out[done..done + n].copy_from_slice(&src[..n]);
+            done += n;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Metadata bytes `r`, which lie in the blob's frames.
+    fn blob(&self, r: &Range<usize>) -> &[u8] {
+        let base = self.blob_frames.start << self.log;
+        r.start
+            .checked_sub(base)
+            .zip(r.end.checked_sub(base))
+            .and_then(|(a, e)| self.blob_buf.get(a..e))
+            .unwrap_or(&[])
+    }
+}
+
+/// Prepare a lazy open of frames-stored metadata: find the frames, decompress the first (the
+/// header) and those holding the blob (with up to `threads` threads). `at` is the stored
+/// metadata's file offset.
+fn open_frames(
+    stored: Vec<u8>,
+    raw_len: u64,
+    log: u8,
+    at: u64,
+    threads: usize,
+) -> Result<(Frames, MetaHeader)> {
+    let srcs = find_frames(&stored, raw_len, log)
+        .map_err(|(what, pos)| meta_region_err(what, at + pos))?;
+    let mut f = Frames {
+        out: srcs.iter().map(|_| OnceLock::new()).collect(),
+        stored,
+        srcs,
+        at,
+        log,
+        raw_len: raw_len as usize,
+        blob_frames: 0..0,
+        blob_buf: MetaBuf::Heap(Vec::new()),
+    };
+    let mut h = [0u8; size_of::<MetaHeader>()];
+    f.copy(0, &mut h)?;
+    let hdr = MetaHeader::read_from_bytes(&h).map_err(|_| meta_err("short header", 0))?;
+    let blob = table_range(&hdr.blob, 1, f.raw_len, "blob")?;
+    if !blob.is_empty() {
+        let ks = blob.start >> log..((blob.end - 1) >> log) + 1;
+        let len = (ks.end << log).min(f.raw_len) - (ks.start << log);
+        let mut buf = MetaBuf::zeroed(len);
+        decompress_frames(&f.stored, &f.srcs[ks.clone()], &mut buf, 1 << log, threads)
+            .map_err(|(what, pos)| meta_region_err(what, at + pos))?;
+        f.blob_frames = ks;
+        f.blob_buf = buf;
+    }
+    Ok((f, hdr))
 }
 
 /// Ask the kernel to start reading `file`'s stored metadata into the page cache now
@@ -704,14 +875,23 @@ impl<R: ReadAt> Image<R> {
         if xxh3_64(&stored) != sb.meta_checksum.get() {
             return Err(Error::corrupt("metadata checksum mismatch", meta.start));
         }
-        let raw = decompress_meta(&stored, raw_len, frame_log, opts.threads)
-            .map_err(|(what, at)| meta_region_err(what, meta.start + at))?;
-        drop(stored);
-        let hdr = MetaHeader::read_from_prefix(&raw)
-            .map_err(|_| meta_err("short header", 0))?
-            .0;
-        let n = raw.len();
-        let image = Image {
+        let (raw, hdr) = match frame_log {
+            Some(log) if opts.lazy => {
+                let (f, hdr) = open_frames(stored, raw_len, log, meta.start, opts.threads)?;
+                (Meta::Frames(Box::new(f)), hdr)
+            }
+            _ => {
+                let raw = decompress_meta(&stored, raw_len, frame_log, opts.threads)
+                    .map_err(|(what, at)| meta_region_err(what, meta.start + at))?;
+                drop(stored);
+                let hdr = MetaHeader::read_from_prefix(&raw)
+                    .map_err(|_| meta_err("short header", 0))?
+                    .0;
+                (Meta::Whole(raw), hdr)
+            }
+        };
+        let n = raw_len as usize;
+        let mut image = Image {
             inodes: table_range(&hdr.inodes, size_of::<Inode>(), n, "inode")?,
             dirents: table_range(&hdr.dirents, size_of::<Dirent>(), n, "dirent")?,
             chunks: table_range(&hdr.chunks, size_of::<Chunk>(), n, "chunk")?,
@@ -738,17 +918,29 @@ impl<R: ReadAt> Image<R> {
             hdr,
             threads: opts.threads.max(1),
             parallel_validation_min: opts.parallel_validation_min,
+            checked: !opts.lazy,
+            dir_ok: Vec::new(),
         };
-        image.validate()?;
+        if opts.lazy {
+            image.check_header()?;
+            let words = image.inodes.len() / size_of::<Inode>() / 64 + 1;
+            image.dir_ok = (0..words).map(|_| AtomicU64::new(0)).collect();
+        } else {
+            image.validate()?;
+        }
         Ok(image)
     }
 
+    /// A table of the whole metadata, for the validation at open (which a lazy open, the
+    /// only one that keeps frames, does not run): empty for frames.
     fn table<T: FromBytes + zerocopy::Immutable + zerocopy::KnownLayout>(
         &self,
         r: &Range<usize>,
     ) -> &[T] {
-        self.meta
-            .get(r.clone())
+        let Meta::Whole(meta) = &self.meta else {
+            return &[];
+        };
+        meta.get(r.clone())
             .and_then(|b| <[T]>::ref_from_bytes(b).ok())
             .unwrap_or(&[])
     }
@@ -769,7 +961,65 @@ impl<R: ReadAt> Image<R> {
         self.table(&self.xattrs)
     }
     fn blob(&self) -> &[u8] {
-        self.meta.get(self.blob.clone()).unwrap_or(&[])
+        match &self.meta {
+            Meta::Whole(meta) => meta.get(self.blob.clone()).unwrap_or(&[]),
+            Meta::Frames(f) => f.blob(&self.blob),
+        }
+    }
+
+    /// Record `i` of the table at `table` (a copy, read from whichever frames hold it):
+    /// `None` past the table's end, an error if its frame does not decompress.
+    fn rec<T: FromBytes + zerocopy::Immutable + zerocopy::KnownLayout>(
+        &self,
+        table: &Range<usize>,
+        i: usize,
+    ) -> Result<Option<T>> {
+        const { assert!(size_of::<T>() <= 64) };
+        let size = size_of::<T>();
+        let Some(off) = i
+            .checked_mul(size)
+            .and_then(|o| o.checked_add(table.start))
+            .filter(|o| o.checked_add(size).is_some_and(|e| e <= table.end))
+        else {
+            return Ok(None);
+        };
+        match &self.meta {
+            Meta::Whole(meta) => Ok(meta
+                .get(off..off + size)
+                .and_then(|b| T::read_from_bytes(b).ok())),
+            Meta::Frames(f) => {
+                let mut buf = [0u8; 64];
+                f.copy(off, &mut buf[..size])?;
+                Ok(T::read_from_bytes(&buf[..size]).ok())
+            }
+        }
+    }
+
+    fn inode_count_usize(&self) -> usize {
+        self.inodes.len() / size_of::<Inode>()
+    }
+    fn dirent_count(&self) -> usize {
+        self.dirents.len() / size_of::<Dirent>()
+    }
+    fn chunk_count(&self) -> usize {
+        self.chunks.len() / size_of::<Chunk>()
+    }
+    fn xattr_count(&self) -> usize {
+        self.xattrs.len() / size_of::<Xattr>()
+    }
+
+    fn dirent(&self, j: usize) -> Result<Dirent> {
+        self.rec(&self.dirents, j)?.ok_or_else(|| {
+            meta_err(
+                format!("directory entry {j} does not exist"),
+                self.dirents.start,
+            )
+        })
+    }
+
+    fn chunk(&self, j: usize) -> Result<Chunk> {
+        self.rec(&self.chunks, j)?
+            .ok_or_else(|| meta_err(format!("chunk {j} does not exist"), self.chunks.start))
     }
 
     fn blob_slice(&self, off: u64, len: u64, what: &str) -> Result<&[u8]> {
@@ -795,10 +1045,209 @@ impl<R: ReadAt> Image<R> {
         entry_name(d, self.inode_table(), self.blob())
     }
 
+    /// After a lazy open: what §13 checks before the records (steps 16 to 19) and the root
+    /// (step 22).
+    fn check_header(&self) -> Result<()> {
+        let n = self.inode_count_usize();
+        if n == 0 || n >= u32::MAX as usize {
+            return Err(meta_err(format!("inode count {n}"), self.inodes.start));
+        }
+        let blocks = self.blocks.len() / size_of::<Block>();
+        if blocks >= HOLE as usize {
+            return Err(meta_err("too many blocks", self.blocks.start));
+        }
+        if self.sum.hot_blocks > blocks as u64 {
+            return Err(Error::corrupt("hot_blocks exceeds the block count", 88));
+        }
+        let cfg = &self.hdr.config;
+        self.blob_slice(cfg.offset.get(), cfg.count.get(), "config")?;
+        let root = self.inode(ROOT_INO)?;
+        if FileKind::from_mode(root.mode.get()) != Some(FileKind::Dir)
+            || root.parent.get() != ROOT_INO
+        {
+            return Err(meta_err(
+                "inode 1 is not a root directory",
+                self.inodes.start,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Inode `ino`'s own fields and ranges (§13 step 21 without its chunks' and xattrs' own
+    /// records): of every inode at a usual open, of each inode read after a lazy one.
+    fn check_inode(&self, ino: u32, node: &Inode) -> Result<()> {
+        let at = self.inode_offset(ino);
+        let bad = |what: String| meta_err(format!("inode {ino}: {what}"), at);
+        let kind = FileKind::from_mode(node.mode.get())
+            .ok_or_else(|| bad(format!("unknown file type in mode {:#o}", node.mode.get())))?;
+        if node.mtime_nsec.get() >= 1_000_000_000 {
+            return Err(bad("nanoseconds out of range".into()));
+        }
+        let (first, count, size) = (node.first.get(), node.count.get() as u64, node.size.get());
+        let fits = |n: usize| first.checked_add(count).is_some_and(|e| e <= n as u64);
+        match kind {
+            FileKind::File => {
+                let want = size.div_ceil(self.sum.block_size as u64);
+                if count != want {
+                    return Err(bad(format!("{count} chunks for {size} bytes")));
+                }
+                if !fits(self.chunk_count()) {
+                    return Err(bad(format!("chunks {first}+{count} out of range")));
+                }
+            }
+            FileKind::Dir => {
+                if !fits(self.dirent_count()) {
+                    return Err(bad(format!("entries {first}+{count} out of range")));
+                }
+                if size != count {
+                    return Err(bad("size differs from the entry count".into()));
+                }
+            }
+            FileKind::Symlink => {
+                if count == 0 || size != count {
+                    return Err(bad("bad symlink target length".into()));
+                }
+                self.blob_slice(first, count, "symlink target")?;
+            }
+            _ => {
+                if size != 0 || count != 0 {
+                    return Err(bad("special file with a size".into()));
+                }
+            }
+        }
+        if kind != FileKind::Dir && node.parent.get() != 0 {
+            return Err(bad("non-directory with a parent".into()));
+        }
+        let (xf, xc) = (node.xattr_first.get(), node.xattr_count.get() as u64);
+        if xf
+            .checked_add(xc)
+            .is_none_or(|e| e > self.xattr_count() as u64)
+        {
+            return Err(bad(format!("xattrs {xf}+{xc} out of range")));
+        }
+        Ok(())
+    }
+
+    /// Entry `k` of directory `dir` (record `j` of the table, `d`), checked on its own and
+    /// against the previous entry's name `prev` (§13 step 23 but whether a directory was
+    /// reached before): the name, the child's number and kind, and a child directory's parent;
+    /// the child's number if it is a directory.
+    fn check_entry<'a>(
+        &'a self,
+        dir: u32,
+        k: usize,
+        j: usize,
+        d: &Dirent,
+        prev: &mut Option<&'a [u8]>,
+    ) -> Result<Option<u32>> {
+        let at = self.dirents.start + j * size_of::<Dirent>();
+        let bad = |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
+        let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
+        if !valid_name(name) {
+            return Err(bad("invalid name".into()));
+        }
+        if prev.is_some_and(|p| p >= name) {
+            return Err(bad("names not sorted or repeated".into()));
+        }
+        *prev = Some(name);
+        let child = d.inode.get();
+        let cnode = match child.checked_sub(1) {
+            Some(c) => self.rec::<Inode>(&self.inodes, c as usize)?,
+            None => None,
+        }
+        .ok_or_else(|| bad(format!("inode {child} out of range")))?;
+        let ckind = FileKind::from_mode(cnode.mode.get());
+        if ckind.map(|k| k as u8) != Some(d.kind) {
+            return Err(bad("kind differs from the inode's type".into()));
+        }
+        if ckind != Some(FileKind::Dir) {
+            return Ok(None);
+        }
+        if cnode.parent.get() != dir {
+            return Err(bad(format!("directory inode {child} names another parent")));
+        }
+        Ok(Some(child))
+    }
+
+    /// After a lazy open: directory `dir`'s entries `r` (§13 step 23 for one directory), once.
+    /// Each subdirectory names `dir` as its parent and appears once, and the root in none:
+    /// so the directories reached from the root form a tree, as the walk at open ensures.
+    fn check_dir(&self, dir: u32, r: Range<usize>) -> Result<()> {
+        let (word, bit) = (self.dir_ok.get(dir as usize / 64), 1u64 << (dir % 64));
+        if word.is_some_and(|w| w.load(Ordering::Acquire) & bit != 0) {
+            return Ok(());
+        }
+        let mut prev: Option<&[u8]> = None;
+        let mut subdirs = Vec::new();
+        for (k, j) in r.enumerate() {
+            let d = self.dirent(j)?;
+            if let Some(child) = self.check_entry(dir, k, j, &d, &mut prev)? {
+                if child == ROOT_INO {
+                    return Err(meta_err(
+                        format!(
+                            "directory inode {dir} entry {k}: directory inode 1 reached twice (cycle)"
+                        ),
+                        self.dirents.start + j * size_of::<Dirent>(),
+                    ));
+                }
+                subdirs.push(child);
+            }
+        }
+        subdirs.sort_unstable();
+        if let Some(w) = subdirs.windows(2).find(|w| w[0] == w[1]) {
+            return Err(meta_err(
+                format!(
+                    "directory inode {dir}: directory inode {} reached twice (cycle)",
+                    w[0]
+                ),
+                self.inode_offset(dir),
+            ));
+        }
+        if let Some(w) = word {
+            w.fetch_or(bit, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Block `idx`'s record (§13 step 20): of every block at a usual open, of each block used
+    /// after a lazy one.
+    fn check_block(&self, idx: u32, b: &Block) -> Result<()> {
+        let (off, st, raw) = (
+            b.offset.get(),
+            b.stored_len.get() as u64,
+            b.raw_len.get() as u64,
+        );
+        let inside = off >= self.sum.data.start
+            && off.checked_add(st).is_some_and(|e| e <= self.sum.data.end);
+        if !inside || st == 0 || raw == 0 || raw > self.sum.block_size as u64 || st > raw {
+            return Err(meta_err(
+                format!("block {idx} (offset {off}, {st}/{raw} bytes) invalid"),
+                self.blocks.start + idx as usize * size_of::<Block>(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After a lazy open: chunk `k` of file `ino`, `len` bytes, lies in its block.
+    fn check_chunk(&self, ino: u32, k: u64, c: &Chunk, len: u64) -> Result<()> {
+        let blk = c.block.get();
+        if blk == HOLE {
+            return Ok(());
+        }
+        let at = self.inode_offset(ino);
+        let (_, _, raw) = self.block_info(blk)?;
+        if (c.offset.get() as u64).saturating_add(len) > raw as u64 {
+            return Err(meta_err(
+                format!("inode {ino}: chunk {k} runs past the end of block {blk}"),
+                at,
+            ));
+        }
+        Ok(())
+    }
+
     /// The config, every block, and every inode with its chunks and xattrs (§13 steps 19-21).
     fn check_records(&self) -> Result<()> {
         let inodes = self.inode_table();
-        let dirents = self.dirent_table();
         let chunks = self.chunk_table();
         let blocks = self.block_table();
         let xattrs = self.xattr_table();
@@ -806,20 +1255,7 @@ impl<R: ReadAt> Image<R> {
         let cfg = &self.hdr.config;
         self.blob_slice(cfg.offset.get(), cfg.count.get(), "config")?;
         for (i, b) in blocks.iter().enumerate() {
-            let at = self.blocks.start + i * size_of::<Block>();
-            let (off, st, raw) = (
-                b.offset.get(),
-                b.stored_len.get() as u64,
-                b.raw_len.get() as u64,
-            );
-            let inside = off >= self.sum.data.start
-                && off.checked_add(st).is_some_and(|e| e <= self.sum.data.end);
-            if !inside || st == 0 || raw == 0 || raw > bs || st > raw {
-                return Err(meta_err(
-                    format!("block {i} (offset {off}, {st}/{raw} bytes) invalid"),
-                    at,
-                ));
-            }
+            self.check_block(i as u32, b)?;
         }
         // Inodes may share or overlap their chunk, entry and xattr ranges (FORMAT.md §6), so
         // checking each inode's range record by record could cost inodes × records on a
@@ -856,72 +1292,37 @@ impl<R: ReadAt> Image<R> {
             let ino = i as u32 + 1;
             let at = self.inodes.start + i * size_of::<Inode>();
             let bad = |what: String| meta_err(format!("inode {ino}: {what}"), at);
-            let kind = FileKind::from_mode(node.mode.get())
-                .ok_or_else(|| bad(format!("unknown file type in mode {:#o}", node.mode.get())))?;
-            if node.mtime_nsec.get() >= 1_000_000_000 {
-                return Err(bad("nanoseconds out of range".into()));
-            }
-            let (first, count, size) = (node.first.get(), node.count.get() as u64, node.size.get());
-            match kind {
-                FileKind::File => {
-                    let want = size.div_ceil(bs);
-                    if count != want {
-                        return Err(bad(format!("{count} chunks for {size} bytes")));
+            // The inode's own fields and ranges, as a lazy open checks them; then its chunks
+            // and xattrs, in O(1) per clean range.
+            self.check_inode(ino, node)?;
+            let (first, count, size) = (
+                node.first.get() as usize,
+                node.count.get() as usize,
+                node.size.get(),
+            );
+            if FileKind::from_mode(node.mode.get()) == Some(FileKind::File) {
+                let (a, e) = (first, first + count);
+                let last_len = size - (count as u64).saturating_sub(1) * bs;
+                let clean = range_clean(&full_chunk_fails, a, e, || {
+                    chunk_fits(&chunks[e - 1], last_len)
+                });
+                let suspect = if clean { &chunks[a..a] } else { &chunks[a..e] };
+                for (k, c) in suspect.iter().enumerate() {
+                    let len = (size - k as u64 * bs).min(bs);
+                    let blk = c.block.get();
+                    if blk == HOLE {
+                        continue;
                     }
-                    let range = first
-                        .checked_add(count)
-                        .filter(|&e| e <= chunks.len() as u64)
-                        .ok_or_else(|| bad(format!("chunks {first}+{count} out of range")))?;
-                    let (a, e) = (first as usize, range as usize);
-                    let last_len = size - count.saturating_sub(1) * bs;
-                    let clean = range_clean(&full_chunk_fails, a, e, || {
-                        chunk_fits(&chunks[e - 1], last_len)
-                    });
-                    let suspect = if clean { &chunks[a..a] } else { &chunks[a..e] };
-                    for (k, c) in suspect.iter().enumerate() {
-                        let len = (size - k as u64 * bs).min(bs);
-                        let blk = c.block.get();
-                        if blk == HOLE {
-                            continue;
-                        }
-                        let b = blocks
-                            .get(blk as usize)
-                            .ok_or_else(|| bad(format!("chunk {k} names missing block {blk}")))?;
-                        if (c.offset.get() as u64).saturating_add(len) > b.raw_len.get() as u64 {
-                            return Err(bad(format!("chunk {k} runs past the end of block {blk}")));
-                        }
-                    }
-                }
-                FileKind::Dir => {
-                    first
-                        .checked_add(count)
-                        .filter(|&e| e <= dirents.len() as u64)
-                        .ok_or_else(|| bad(format!("entries {first}+{count} out of range")))?;
-                    if size != count {
-                        return Err(bad("size differs from the entry count".into()));
-                    }
-                }
-                FileKind::Symlink => {
-                    if count == 0 || size != count {
-                        return Err(bad("bad symlink target length".into()));
-                    }
-                    self.blob_slice(first, count, "symlink target")?;
-                }
-                _ => {
-                    if size != 0 || count != 0 {
-                        return Err(bad("special file with a size".into()));
+                    let b = blocks
+                        .get(blk as usize)
+                        .ok_or_else(|| bad(format!("chunk {k} names missing block {blk}")))?;
+                    if (c.offset.get() as u64).saturating_add(len) > b.raw_len.get() as u64 {
+                        return Err(bad(format!("chunk {k} runs past the end of block {blk}")));
                     }
                 }
             }
-            if kind != FileKind::Dir && node.parent.get() != 0 {
-                return Err(bad("non-directory with a parent".into()));
-            }
-            let (xf, xc) = (node.xattr_first.get(), node.xattr_count.get() as u64);
-            let xend = xf
-                .checked_add(xc)
-                .filter(|&e| e <= xattrs.len() as u64)
-                .ok_or_else(|| bad(format!("xattrs {xf}+{xc} out of range")))?;
-            let (a, e) = (xf as usize, xend as usize);
+            let a = node.xattr_first.get() as usize;
+            let e = a + node.xattr_count.get() as usize;
             let clean = range_clean(&xattr_fails, a, e, || xattr_key(e - 1).is_some());
             let suspect = if clean { &xattrs[a..a] } else { &xattrs[a..e] };
             let mut prev: Option<&[u8]> = None;
@@ -1034,35 +1435,15 @@ impl<R: ReadAt> Image<R> {
             }
             let mut prev: Option<&[u8]> = None;
             for (k, d) in dirents[first..first + count].iter().enumerate() {
-                let at = self.dirents.start + (first + k) * size_of::<Dirent>();
-                let bad =
-                    |what: String| meta_err(format!("directory inode {dir} entry {k}: {what}"), at);
-                let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
-                if !valid_name(name) {
-                    return Err(bad("invalid name".into()));
-                }
-                if prev.is_some_and(|p| p >= name) {
-                    return Err(bad("names not sorted or repeated".into()));
-                }
-                prev = Some(name);
-                let child = d.inode.get();
-                let cnode = child
-                    .checked_sub(1)
-                    .and_then(|c| inodes.get(c as usize))
-                    .ok_or_else(|| bad(format!("inode {child} out of range")))?;
-                let ckind = FileKind::from_mode(cnode.mode.get());
-                if ckind.map(|k| k as u8) != Some(d.kind) {
-                    return Err(bad("kind differs from the inode's type".into()));
-                }
-                if ckind == Some(FileKind::Dir) {
+                if let Some(child) = self.check_entry(dir, k, first + k, d, &mut prev)? {
                     let slot = &mut seen[child as usize - 1];
                     if *slot {
-                        return Err(bad(format!(
-                            "directory inode {child} reached twice (cycle)"
-                        )));
-                    }
-                    if cnode.parent.get() != dir {
-                        return Err(bad(format!("directory inode {child} names another parent")));
+                        return Err(meta_err(
+                            format!(
+                                "directory inode {dir} entry {k}: directory inode {child} reached twice (cycle)"
+                            ),
+                            self.dirents.start + (first + k) * size_of::<Dirent>(),
+                        ));
                     }
                     *slot = true;
                     stack.push(child);
@@ -1094,12 +1475,12 @@ impl<R: ReadAt> Image<R> {
 
     /// Number of inodes; valid inode numbers are `1..=inode_count()`.
     pub fn inode_count(&self) -> u32 {
-        self.inode_table().len() as u32
+        self.inode_count_usize() as u32
     }
 
     /// Number of data blocks.
     pub fn block_count(&self) -> u32 {
-        self.block_table().len() as u32
+        (self.blocks.len() / size_of::<Block>()) as u32
     }
 
     /// The image config (JSON) if the image carries one.
@@ -1111,15 +1492,22 @@ impl<R: ReadAt> Image<R> {
         }
     }
 
-    fn raw_inode(&self, ino: u32) -> Result<&Inode> {
-        ino.checked_sub(1)
-            .and_then(|i| self.inode_table().get(i as usize))
-            .ok_or_else(|| Error::corrupt(format!("inode {ino} does not exist"), 0))
+    /// Inode `ino` (after a lazy open, checked on its own first).
+    fn inode(&self, ino: u32) -> Result<Inode> {
+        let node = match ino.checked_sub(1) {
+            Some(i) => self.rec::<Inode>(&self.inodes, i as usize)?,
+            None => None,
+        }
+        .ok_or_else(|| Error::corrupt(format!("inode {ino} does not exist"), 0))?;
+        if !self.checked {
+            self.check_inode(ino, &node)?;
+        }
+        Ok(node)
     }
 
     /// Attributes of `ino`.
     pub fn attr(&self, ino: u32) -> Result<Attr> {
-        let n = self.raw_inode(ino)?;
+        let n = self.inode(ino)?;
         let mode = n.mode.get();
         let kind = FileKind::from_mode(mode)
             .ok_or_else(|| meta_err(format!("inode {ino} has no type"), self.inode_offset(ino)))?;
@@ -1141,8 +1529,9 @@ impl<R: ReadAt> Image<R> {
         })
     }
 
-    fn dir_range(&self, dir: u32) -> Result<&[Dirent]> {
-        let n = self.raw_inode(dir)?;
+    /// The indexes of directory `dir`'s entries (after a lazy open, checked once first).
+    fn dir_range(&self, dir: u32) -> Result<Range<usize>> {
+        let n = self.inode(dir)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
             return Err(Error::WrongType {
                 ino: dir,
@@ -1150,13 +1539,18 @@ impl<R: ReadAt> Image<R> {
             });
         }
         let first = n.first.get() as usize;
-        first
+        let r = first
             .checked_add(n.count.get() as usize)
-            .and_then(|e| self.dirent_table().get(first..e))
-            .ok_or_else(|| meta_err(format!("entries of inode {dir}"), self.inode_offset(dir)))
+            .filter(|&e| e <= self.dirent_count())
+            .map(|e| first..e)
+            .ok_or_else(|| meta_err(format!("entries of inode {dir}"), self.inode_offset(dir)))?;
+        if !self.checked {
+            self.check_dir(dir, r.clone())?;
+        }
+        Ok(r)
     }
 
-    fn entry<'a>(&'a self, d: &Dirent) -> Result<DirEntry<'a>> {
+    fn entry(&self, d: &Dirent) -> Result<DirEntry<'_>> {
         let name = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
         let kind = FileKind::from_u8(d.kind)
             .ok_or_else(|| meta_err(format!("entry kind {}", d.kind), self.dirents.start))?;
@@ -1174,39 +1568,40 @@ impl<R: ReadAt> Image<R> {
 
     /// Entry `index` of directory `dir` in name order, or `None` past the end.
     pub fn dir_entry(&self, dir: u32, index: usize) -> Result<Option<DirEntry<'_>>> {
-        match self.dir_range(dir)?.get(index) {
-            Some(d) => self.entry(d).map(Some),
-            None => Ok(None),
+        let r = self.dir_range(dir)?;
+        if index >= r.len() {
+            return Ok(None);
         }
+        self.entry(&self.dirent(r.start + index)?).map(Some)
     }
 
     /// All entries of directory `dir`, in name order.
     pub fn readdir(&self, dir: u32) -> Result<impl Iterator<Item = Result<DirEntry<'_>>> + '_> {
-        Ok(self.dir_range(dir)?.iter().map(|d| self.entry(d)))
+        Ok(self
+            .dir_range(dir)?
+            .map(|j| self.dirent(j).and_then(|d| self.entry(&d))))
     }
 
     /// The inode named `name` in directory `dir` (binary search), if any.
     pub fn lookup(&self, dir: u32, name: &[u8]) -> Result<Option<u32>> {
-        let ents = self.dir_range(dir)?;
-        let mut err = None;
-        let found = ents.binary_search_by(|d| {
-            match self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name") {
-                Ok(n) => n.cmp(name),
-                Err(e) => {
-                    err = Some(e);
-                    std::cmp::Ordering::Equal
-                }
+        let r = self.dir_range(dir)?;
+        let (mut lo, mut hi) = (r.start, r.end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let d = self.dirent(mid)?;
+            let n = self.blob_slice(d.name_offset.get(), d.name_len.get() as u64, "name")?;
+            match n.cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(Some(d.inode.get())),
             }
-        });
-        if let Some(e) = err {
-            return Err(e);
         }
-        Ok(found.ok().map(|i| ents[i].inode.get()))
+        Ok(None)
     }
 
     /// Parent directory of directory `dir` (the root's parent is the root).
     pub fn parent(&self, dir: u32) -> Result<u32> {
-        let n = self.raw_inode(dir)?;
+        let n = self.inode(dir)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Dir) {
             return Err(Error::WrongType {
                 ino: dir,
@@ -1240,7 +1635,7 @@ impl<R: ReadAt> Image<R> {
 
     /// Target of symlink `ino`.
     pub fn readlink(&self, ino: u32) -> Result<&[u8]> {
-        let n = self.raw_inode(ino)?;
+        let n = self.inode(ino)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::Symlink) {
             return Err(Error::WrongType {
                 ino,
@@ -1252,24 +1647,39 @@ impl<R: ReadAt> Image<R> {
 
     /// Extended attributes of `ino` as (key, value) pairs sorted by key.
     pub fn xattrs(&self, ino: u32) -> Result<Vec<(&[u8], &[u8])>> {
-        let n = self.raw_inode(ino)?;
+        let n = self.inode(ino)?;
         let first = n.xattr_first.get() as usize;
-        let xs = first
+        let end = first
             .checked_add(n.xattr_count.get() as usize)
-            .and_then(|e| self.xattr_table().get(first..e))
+            .filter(|&e| e <= self.xattr_count())
             .ok_or_else(|| meta_err(format!("xattrs of inode {ino}"), self.inode_offset(ino)))?;
-        xs.iter()
-            .map(|x| {
-                Ok((
-                    self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?,
-                    self.blob_slice(
-                        x.value_offset.get(),
-                        x.value_len.get() as u64,
-                        "xattr value",
-                    )?,
-                ))
-            })
-            .collect()
+        let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity((end - first).min(1024));
+        for j in first..end {
+            let x: Xattr = self.rec(&self.xattrs, j)?.ok_or_else(|| {
+                meta_err(format!("xattrs of inode {ino}"), self.inode_offset(ino))
+            })?;
+            let key = self.blob_slice(x.key_offset.get(), x.key_len.get() as u64, "xattr key")?;
+            let value = self.blob_slice(
+                x.value_offset.get(),
+                x.value_len.get() as u64,
+                "xattr value",
+            )?;
+            if !self.checked {
+                let bad =
+                    |what: &str| meta_err(format!("inode {ino}: {what}"), self.inode_offset(ino));
+                if key.is_empty() || key.len() > 255 || key.contains(&0) {
+                    return Err(bad("invalid xattr key"));
+                }
+                if value.len() > 65536 {
+                    return Err(bad("xattr value over 64 KiB"));
+                }
+                if out.last().is_some_and(|(p, _)| *p >= key) {
+                    return Err(bad("xattr keys not sorted or repeated"));
+                }
+            }
+            out.push((key, value));
+        }
+        Ok(out)
     }
 
     /// Value of extended attribute `key` of `ino`, if present.
@@ -1281,8 +1691,9 @@ impl<R: ReadAt> Image<R> {
             .map(|(_, v)| v))
     }
 
-    fn file_chunks(&self, ino: u32) -> Result<(&[Chunk], u64)> {
-        let n = self.raw_inode(ino)?;
+    /// The indexes of regular file `ino`'s chunks, and its size.
+    fn file_chunks(&self, ino: u32) -> Result<(Range<usize>, u64)> {
+        let n = self.inode(ino)?;
         if FileKind::from_mode(n.mode.get()) != Some(FileKind::File) {
             return Err(Error::WrongType {
                 ino,
@@ -1290,57 +1701,73 @@ impl<R: ReadAt> Image<R> {
             });
         }
         let first = n.first.get() as usize;
-        let cs = first
+        let r = first
             .checked_add(n.count.get() as usize)
-            .and_then(|e| self.chunk_table().get(first..e))
+            .filter(|&e| e <= self.chunk_count())
+            .map(|e| first..e)
             .ok_or_else(|| meta_err(format!("chunks of inode {ino}"), self.inode_offset(ino)))?;
-        Ok((cs, n.size.get()))
+        Ok((r, n.size.get()))
+    }
+
+    /// Extent `k` of file `ino` (of `size` bytes) from its chunk `c` (after a lazy open,
+    /// checked first).
+    fn extent(&self, ino: u32, size: u64, k: u64, c: &Chunk) -> Result<Extent> {
+        let file_offset = k << self.block_log;
+        let len = size
+            .saturating_sub(file_offset)
+            .min(self.sum.block_size as u64);
+        if !self.checked {
+            self.check_chunk(ino, k, c, len)?;
+        }
+        Ok(Extent {
+            file_offset,
+            len: len as u32,
+            block: (c.block.get() != HOLE).then(|| c.block.get()),
+            block_offset: c.offset.get(),
+        })
     }
 
     /// The extents of regular file `ino`, in file order (one per chunk).
     pub fn extents(&self, ino: u32) -> Result<impl Iterator<Item = Extent> + '_> {
-        let (cs, size) = self.file_chunks(ino)?;
-        let bs = self.sum.block_size as u64;
-        Ok(cs.iter().enumerate().map(move |(k, c)| {
-            let file_offset = k as u64 * bs;
-            Extent {
-                file_offset,
-                len: (size - file_offset).min(bs) as u32,
-                block: (c.block.get() != HOLE).then(|| c.block.get()),
-                block_offset: c.offset.get(),
-            }
-        }))
+        let (r, size) = self.file_chunks(ino)?;
+        let v = r
+            .enumerate()
+            .map(|(k, j)| self.extent(ino, size, k as u64, &self.chunk(j)?))
+            .collect::<Result<Vec<Extent>>>()?;
+        Ok(v.into_iter())
     }
 
     /// The extent holding byte `offset` of file `ino`, if `offset` is inside the file.
     pub fn extent_at(&self, ino: u32, offset: u64) -> Result<Option<Extent>> {
-        let (cs, size) = self.file_chunks(ino)?;
+        let (r, size) = self.file_chunks(ino)?;
         if offset >= size {
             return Ok(None);
         }
         let k = offset >> self.block_log;
-        let Some(c) = cs.get(k as usize) else {
+        if k >= r.len() as u64 {
             return Err(meta_err(
                 format!("inode {ino} lacks chunk {k}"),
                 self.inode_offset(ino),
             ));
-        };
-        let file_offset = k << self.block_log;
-        let bs = self.sum.block_size as u64;
-        Ok(Some(Extent {
-            file_offset,
-            len: (size - file_offset).min(bs) as u32,
-            block: (c.block.get() != HOLE).then(|| c.block.get()),
-            block_offset: c.offset.get(),
-        }))
+        }
+        let c = self.chunk(r.start + k as usize)?;
+        self.extent(ino, size, k, &c).map(Some)
+    }
+
+    /// Block `idx`'s record (after a lazy open, checked first).
+    fn block(&self, idx: u32) -> Result<Block> {
+        let b = self
+            .rec::<Block>(&self.blocks, idx as usize)?
+            .ok_or_else(|| meta_err(format!("block {idx} does not exist"), self.blocks.start))?;
+        if !self.checked {
+            self.check_block(idx, &b)?;
+        }
+        Ok(b)
     }
 
     /// Where block `idx` lies: file offset, stored length and decompressed length.
     pub fn block_info(&self, idx: u32) -> Result<(u64, u32, u32)> {
-        let b = self
-            .block_table()
-            .get(idx as usize)
-            .ok_or_else(|| meta_err(format!("block {idx} does not exist"), self.blocks.start))?;
+        let b = self.block(idx)?;
         Ok((b.offset.get(), b.stored_len.get(), b.raw_len.get()))
     }
 
@@ -1361,8 +1788,8 @@ impl<R: ReadAt> Image<R> {
     /// Verify that `stored` are block `idx`'s stored bytes (length and checksum), e.g. a
     /// slice of a larger read that covered several blocks.
     pub fn check_stored(&self, idx: u32, stored: &[u8]) -> Result<()> {
-        let (off, st, _) = self.block_info(idx)?;
-        let sum = self.block_table()[idx as usize].checksum.get();
+        let b = self.block(idx)?;
+        let (off, st, sum) = (b.offset.get(), b.stored_len.get(), b.checksum.get());
         if stored.len() != st as usize || xxh3_64(stored) != sum {
             return Err(Error::BadBlock {
                 block: idx,

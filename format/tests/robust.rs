@@ -438,6 +438,15 @@ fn opts() -> OpenOptions {
         // helper threads check.
         threads: 3,
         parallel_validation_min: 0,
+        lazy: false,
+    }
+}
+
+/// As [`opts`], for a lazy open: the metadata decompressed and checked where it is used.
+fn lazy_opts() -> OpenOptions {
+    OpenOptions {
+        lazy: true,
+        ..opts()
     }
 }
 
@@ -2057,39 +2066,39 @@ fn error_kind(e: &Error) -> String {
 static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 /// Run one case: the outcome and the first error met, if any.
-fn check_case(
+/// Open the mutated image `bytes` with `opts` and exercise it: the outcome, the kind of its
+/// first error, and the snapshot when everything read without error.
+fn check_open(
     class: Class,
     base: &Base,
-    rng: &mut Rng,
-) -> std::result::Result<(Outcome, Option<String>), String> {
-    let m = mutate(class, base, rng);
-    let img = match Image::from_reader(m.bytes, "img", &opts()) {
+    bytes: Vec<u8>,
+    touched: &[u32],
+    opts: &OpenOptions,
+) -> std::result::Result<(Outcome, Option<String>, Option<Snapshot>), String> {
+    let img = match Image::from_reader(bytes, "img", opts) {
         Ok(img) => img,
         Err(e) => {
             check_message(&e)?;
             if class == Class::DataBlock {
                 return Err(format!("open failed after a data-block mutation: {e}"));
             }
-            return Ok((Outcome::OpenErr, Some(error_kind(&e))));
+            return Ok((Outcome::OpenErr, Some(error_kind(&e)), None));
         }
     };
     let (snap, errors) = exercise_all(&img);
     for e in &errors {
         check_message(e)?;
         if class == Class::DataBlock
-            && !matches!(e, Error::BadBlock { block, .. } if m.touched.contains(block))
+            && !matches!(e, Error::BadBlock { block, .. } if touched.contains(block))
         {
-            return Err(format!(
-                "error not naming a mutated block {:?}: {e}",
-                m.touched
-            ));
+            return Err(format!("error not naming a mutated block {touched:?}: {e}"));
         }
     }
     if let Some(e) = errors.first() {
-        return Ok((Outcome::RunErr, Some(error_kind(e))));
+        return Ok((Outcome::RunErr, Some(error_kind(e)), None));
     }
     if snap == base.snap {
-        return Ok((Outcome::Same, None));
+        return Ok((Outcome::Same, None, Some(snap)));
     }
     if class.plain() {
         return Err(format!(
@@ -2097,7 +2106,37 @@ fn check_case(
             diff(&base.snap, &snap)
         ));
     }
-    Ok((Outcome::Differs, None))
+    Ok((Outcome::Differs, None, Some(snap)))
+}
+
+/// One case: the mutated image opened as usual (everything validated at open) and lazily
+/// (checked where used). Both must pass every check of [`check_open`], and agree: what the
+/// usual open reads cleanly the lazy one reads the same (or refuses a directory that the root
+/// does not reach), and what it refuses or fails to read the lazy one refuses or fails on
+/// too (the exercise uses every record).
+fn check_case(
+    class: Class,
+    base: &Base,
+    rng: &mut Rng,
+) -> std::result::Result<(Outcome, Option<String>), String> {
+    let m = mutate(class, base, rng);
+    let (outcome, kind, snap) = check_open(class, base, m.bytes.clone(), &m.touched, &opts())?;
+    let (lazy, lazy_kind, lazy_snap) = check_open(class, base, m.bytes, &m.touched, &lazy_opts())?;
+    let failed = |o: Outcome| matches!(o, Outcome::OpenErr | Outcome::RunErr);
+    // One difference is allowed: the usual open checks the directories reached from the
+    // root, the lazy one every directory it is asked to list (the exercise lists each
+    // directory inode, reached or not).
+    let stricter = !failed(outcome)
+        && lazy == Outcome::RunErr
+        && lazy_kind
+            .as_deref()
+            .is_some_and(|k| k.starts_with("corrupt image: metadata: directory inode"));
+    if !stricter && (failed(outcome) != failed(lazy) || snap != lazy_snap) {
+        return Err(format!(
+            "the lazy open disagrees: {outcome:?} ({kind:?}) as usual, {lazy:?} ({lazy_kind:?}) lazily"
+        ));
+    }
+    Ok((outcome, kind))
 }
 
 fn run_case(

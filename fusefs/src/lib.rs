@@ -205,8 +205,15 @@ pub fn mount_file(
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<Server, MountError> {
-    let img = cimg_format::Image::from_reader(file, image, &cimg_format::OpenOptions::default())
-        .map_err(|err| MountError::Image {
+    // Lazily: the metadata is decompressed and checked as the kernel asks for it, so that a
+    // mount of a million files answers its first stat without decompressing all of them,
+    // and a corrupt record gives EIO to the request that meets it.
+    let lazy = cimg_format::OpenOptions {
+        lazy: true,
+        ..Default::default()
+    };
+    let img =
+        cimg_format::Image::from_reader(file, image, &lazy).map_err(|err| MountError::Image {
             image: image.to_path_buf(),
             err,
         })?;

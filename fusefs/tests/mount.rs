@@ -730,6 +730,86 @@ fn corrupt_block_and_truncated_image_give_eio() {
     assert!(lines.len() <= 3, "{log}");
 }
 
+/// A mount opens its image lazily: a metadata frame that does not decompress (its checksums
+/// resealed, so the open does not see it) fails only the requests that need it, with EIO,
+/// and the server goes on serving everything else; the usual open refuses the image.
+#[test]
+fn a_corrupt_metadata_frame_gives_eio_to_what_it_holds_only() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, img, mnt) = (
+        tmp.path().join("src"),
+        tmp.path().join("img.cimg"),
+        tmp.path().join("mnt"),
+    );
+    // a is small; b's 1,500 entries are the last of the entry table and fill six 4 KiB frames.
+    fs::create_dir_all(src.join("a")).expect("mkdir");
+    fs::create_dir_all(src.join("b")).expect("mkdir");
+    fs::write(src.join("a/x"), b"x data").expect("write");
+    for k in 0..1500 {
+        fs::write(src.join(format!("b/f{k:04}")), format!("{k}")).expect("write");
+    }
+    let opts = PackOptions {
+        block_log: 16,
+        meta_frame_log: 12,
+        threads: 2,
+        ..PackOptions::default()
+    };
+    pack_dir(&src, &img, &opts, &|_, _| {}).expect("pack");
+
+    // The last frame that holds only entries: b's (the root's two and a's one come first).
+    let h = *Image::open(&img).expect("open").header();
+    let entries = h.dirents.offset.get()..h.dirents.offset.get() + h.dirents.count.get() * 16;
+    let victim = (entries.end >> 12) as usize - 1;
+    assert!(
+        (victim as u64) << 12 >= entries.start + 3 * 16,
+        "frame {victim} holds more than b's entries"
+    );
+
+    let mut bytes = fs::read(&img).expect("read image");
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
+    let (meta_off, meta_len) = (u64_at(&bytes, 56) as usize, u64_at(&bytes, 64) as usize);
+    let stored = &mut bytes[meta_off..meta_off + meta_len];
+    let mut pos = 0;
+    for _ in 0..victim {
+        pos += zstd::zstd_safe::find_frame_compressed_size(&stored[pos..]).expect("frame");
+    }
+    // The frame's first block header, after the magic, the descriptor and what it announces
+    // (RFC 8878 §3.1.1.1): typed raw instead of compressed, the frame still parses (the open
+    // finds every frame) but gives its compressed bytes, not the 4 KiB it must.
+    let fhd = stored[pos + 4];
+    let single = fhd & 0x20 != 0;
+    let fcs = match fhd >> 6 {
+        0 => usize::from(single),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let hdr = 4 + 1 + usize::from(!single) + [0, 1, 2, 4][usize::from(fhd & 3)] + fcs;
+    assert_eq!(stored[pos + hdr] & 0b110, 0b100, "a compressed block");
+    stored[pos + hdr] &= !0b110;
+    let sum = xxhash_rust::xxh3::xxh3_64(stored);
+    bytes[80..88].copy_from_slice(&sum.to_le_bytes());
+    let sb = xxhash_rust::xxh3::xxh3_64(&bytes[..120]);
+    bytes[120..128].copy_from_slice(&sb.to_le_bytes());
+    fs::write(&img, &bytes).expect("write image");
+    let refused = Image::open(&img).expect_err("the usual open checks every frame");
+    assert!(refused.to_string().contains("metadata frame"), "{refused}");
+
+    let m = mount(&img, &mnt, &[]);
+    for _ in 0..2 {
+        let listed = fs::read_dir(mnt.join("b")).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+        let e = listed.expect_err("b's entries are in the broken frame");
+        assert_eq!(e.raw_os_error(), Some(EIO), "{e}");
+        // Everything else is served.
+        assert_eq!(fs::read(mnt.join("a/x")).expect("read a/x"), b"x data");
+        assert_eq!(names(&mnt), vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+    m.unmount();
+}
+
 /// The host's `/usr`, packed and compared whole through the kernel. Slow (it reads `/usr`
 /// three times): run with `cargo test -p cimg-fuse --test mount -- --ignored`.
 #[test]

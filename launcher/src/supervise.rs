@@ -821,7 +821,12 @@ fn open_image(path: &Path) -> Result<Source, Error> {
     let fail =
         |e: std::io::Error| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e)));
     let file = fs::File::open(path).map_err(fail)?;
-    let opts = cimg_format::OpenOptions::default();
+    // Lazily, as the FUSE driver opens it: the metadata is decompressed and checked as the
+    // container uses it (`cimg_format::OpenOptions::lazy`).
+    let opts = cimg_format::OpenOptions {
+        lazy: true,
+        ..Default::default()
+    };
     match cimg_format::Image::from_reader(file, path, &opts) {
         Ok(img) => Ok(Source::Cimg(Box::new(img))),
         Err(cimg_format::Error::Io { err, .. })
