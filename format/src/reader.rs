@@ -1909,31 +1909,24 @@ impl<R: ReadAt> Image<R> {
     /// Visit every entry below the root in depth-first name order with its path (no leading
     /// slash). Directories are visited before their contents.
     pub fn walk(&self, mut f: impl FnMut(&[u8], &DirEntry<'_>) -> Result<()>) -> Result<()> {
-        let mut stack: Vec<(u32, usize, usize)> = vec![(ROOT_INO, 0, 0)];
+        // Each directory's entries not visited yet, and the length of its path.
+        let mut stack: Vec<(Range<usize>, usize)> = vec![(self.dir_range(ROOT_INO)?, 0)];
         let mut path: Vec<u8> = Vec::new();
-        while let Some(top) = stack.last_mut() {
-            let (dir, idx, plen) = *top;
-            top.1 += 1;
-            match self.dir_entry(dir, idx)? {
-                None => {
-                    stack.pop();
-                    path.truncate(plen);
-                    if let Some(parent) = stack.last() {
-                        path.truncate(parent.2);
-                    }
-                    continue;
-                }
-                Some(e) => {
-                    path.truncate(plen);
-                    if !path.is_empty() {
-                        path.push(b'/');
-                    }
-                    path.extend_from_slice(e.name);
-                    f(&path, &e)?;
-                    if e.kind == FileKind::Dir {
-                        stack.push((e.ino, 0, path.len()));
-                    }
-                }
+        while let Some((entries, plen)) = stack.last_mut() {
+            let plen = *plen;
+            let Some(j) = entries.next() else {
+                stack.pop();
+                continue;
+            };
+            let e = self.entry(&self.dirent(j)?)?;
+            path.truncate(plen);
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(e.name);
+            f(&path, &e)?;
+            if e.kind == FileKind::Dir {
+                stack.push((self.dir_range(e.ino)?, path.len()));
             }
         }
         Ok(())
