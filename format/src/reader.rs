@@ -1577,9 +1577,19 @@ impl<R: ReadAt> Image<R> {
 
     /// All entries of directory `dir`, in name order.
     pub fn readdir(&self, dir: u32) -> Result<impl Iterator<Item = Result<DirEntry<'_>>> + '_> {
-        Ok(self
-            .dir_range(dir)?
-            .map(|j| self.dirent(j).and_then(|d| self.entry(&d))))
+        self.readdir_from(dir, 0)
+    }
+
+    /// The entries of directory `dir` from entry `start` on, in name order (none if `start`
+    /// is past the end).
+    pub fn readdir_from(
+        &self,
+        dir: u32,
+        start: usize,
+    ) -> Result<impl Iterator<Item = Result<DirEntry<'_>>> + '_> {
+        let r = self.dir_range(dir)?;
+        let a = r.start.saturating_add(start).min(r.end);
+        Ok((a..r.end).map(|j| self.dirent(j).and_then(|d| self.entry(&d))))
     }
 
     /// The inode named `name` in directory `dir` (binary search), if any.

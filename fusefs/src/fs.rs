@@ -1014,34 +1014,28 @@ impl CimgFs {
     ) -> FResult<()> {
         let img = &self.inner.img;
         let d = ino(dir)?;
-        let len = img.dir_len(d)? as u64;
         let mut pos = offset;
-        while pos < len + 2 {
-            let full = match pos {
-                0 => {
-                    let a = plus.then(|| img.attr(d)).transpose()?;
-                    add(d, 1, OsStr::new("."), FileKind::Dir, a.as_ref())
-                }
-                1 => {
-                    let p = img.parent(d)?;
-                    let a = plus.then(|| img.attr(p)).transpose()?;
-                    add(p, 2, OsStr::new(".."), FileKind::Dir, a.as_ref())
-                }
-                _ => {
-                    let Some(e) = img.dir_entry(d, (pos - 2) as usize)? else {
-                        break;
-                    };
-                    let a = plus.then(|| img.attr(e.ino)).transpose()?;
-                    add(
-                        e.ino,
-                        pos + 1,
-                        OsStr::from_bytes(e.name),
-                        e.kind,
-                        a.as_ref(),
-                    )
-                }
-            };
-            if full {
+        if pos == 0 {
+            let a = plus.then(|| img.attr(d)).transpose()?;
+            if add(d, 1, OsStr::new("."), FileKind::Dir, a.as_ref()) {
+                return Ok(());
+            }
+            pos = 1;
+        }
+        if pos == 1 {
+            let p = img.parent(d)?;
+            let a = plus.then(|| img.attr(p)).transpose()?;
+            if add(p, 2, OsStr::new(".."), FileKind::Dir, a.as_ref()) {
+                return Ok(());
+            }
+            pos = 2;
+        }
+        let start = usize::try_from(pos - 2).unwrap_or(usize::MAX);
+        for e in img.readdir_from(d, start)? {
+            let e = e?;
+            let a = plus.then(|| img.attr(e.ino)).transpose()?;
+            let name = OsStr::from_bytes(e.name);
+            if add(e.ino, pos + 1, name, e.kind, a.as_ref()) {
                 break;
             }
             pos += 1;
