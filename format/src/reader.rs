@@ -734,8 +734,23 @@ fn open_frames(
         let ks = blob.start >> log..((blob.end - 1) >> log) + 1;
         let len = (ks.end << log).min(f.raw_len) - (ks.start << log);
         let mut buf = MetaBuf::zeroed(len);
-        decompress_frames(&f.stored, &f.srcs[ks.clone()], &mut buf, 1 << log, threads)
-            .map_err(|(what, pos)| meta_region_err(what, at + pos))?;
+        // Frame 0, decompressed for the header, is moved in rather than decompressed again.
+        let mut first = ks.start;
+        if first == 0
+            && let Some(Ok(head)) = f.out[0].take()
+        {
+            buf[..head.len()].copy_from_slice(&head);
+            first = 1;
+        }
+        let rest = first - ks.start;
+        decompress_frames(
+            &f.stored,
+            &f.srcs[first..ks.end],
+            &mut buf[rest << log..],
+            1 << log,
+            threads,
+        )
+        .map_err(|(what, pos)| meta_region_err(what, at + pos))?;
         f.blob_frames = ks;
         f.blob_buf = buf;
     }

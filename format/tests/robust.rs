@@ -2586,6 +2586,29 @@ fn shared_xattr_lists_validate_in_linear_time() {
     );
 }
 
+/// Framed metadata whose blob starts in the header's frame (a tiny tree with a long symlink
+/// target): the lazy open moves that frame into the blob's buffer rather than decompressing it
+/// twice, and reads exactly as the usual open.
+#[test]
+fn lazy_open_with_the_blob_in_the_first_frame_reads_as_the_usual_one() {
+    let _serial = serial();
+    fn tree(root: &Path) -> Extra {
+        write_file(root, "f", b"data");
+        symlink("x".repeat(4000), root.join("long")).unwrap();
+        (Vec::new(), None)
+    }
+    let frame = 1u64 << layout::MIN_META_FRAME_LOG;
+    let bytes = pack(tree, layout::MIN_META_FRAME_LOG);
+    let usual = Image::from_reader(bytes.clone(), "img", &opts()).unwrap();
+    assert!(usual.summary().meta_raw_len > frame, "two frames at least");
+    assert!(
+        usual.header().blob.offset.get() < frame,
+        "the blob starts in frame 0"
+    );
+    let lazy = Image::from_reader(bytes, "img", &lazy_opts()).unwrap();
+    assert_eq!(exercise(&lazy).unwrap(), exercise(&usual).unwrap());
+}
+
 /// A chain of 100,000 nested directories: no recursion, no stack overflow, linear time.
 #[test]
 fn deep_directory_chain_is_fine() {
