@@ -56,9 +56,11 @@ pub struct PackOptions {
     /// Metadata larger than one frame is stored as independent zstd frames that readers
     /// decompress in parallel, and a lazy reader as it uses them (feature
     /// `INCOMPAT_META_FRAMES`); smaller metadata is one frame, readable by readers that predate
-    /// the feature. With 256 KiB rather than 1 MiB frames, mounting an image of 100,000 files
-    /// (9.5 MiB of metadata) and stat'ing one file took 7.5–9.2 ms rather than 12.1–12.5
-    /// (medians of 15 mounts, twice each), its stored metadata 894 KiB rather than 890.
+    /// the feature. With 256 KiB rather than 1 MiB frames, `cimg-mount` of `fuse-bench`'s
+    /// image of 100,000 files (9.5 MiB of metadata), evicted from the page cache by
+    /// `posix_fadvise(DONTNEED)`, then a `stat` of one of its directories, took 7.5–9.2 ms
+    /// rather than 12.1–12.5 (medians of 15 such mounts, two rounds for each frame size, on a
+    /// 2-core VM); its stored metadata was 894 KiB rather than 890.
     pub meta_frame_log: u8,
 }
 
