@@ -15,9 +15,13 @@
 //! app, whatever it started, launch itself, joined peers), the kernel drops the mount, aborts
 //! the FUSE connection, and the server's read of `/dev/fuse` ends: the server exits. So the
 //! filesystem lives exactly as long as any container process, and SIGKILL of any part leaves
-//! nothing behind: the app has `PR_SET_PDEATHSIG(SIGKILL)` (launch killed → app killed), the
-//! server has it until its handshake is done (launch killed during setup → server killed),
-//! launch kills the app if the server dies, and all mounts are private to the namespaces.
+//! nothing behind. (The server also holds a reference to B until launch has exited, so that
+//! B's end, the FUSE unmount with the eviction of the image's inodes, runs in the server
+//! after launch's parent has its status rather than inside launch's exit; it lets go as soon
+//! as launch is gone, however launch ended.) The parts: the app has
+//! `PR_SET_PDEATHSIG(SIGKILL)` (launch killed → app killed), the server has it until its
+//! handshake is done (launch killed during setup → server killed), launch kills the app if
+//! the server dies, and all mounts are private to the namespaces.
 //! The server keeps launch's stderr only while launch lives (then /dev/null), so a caller
 //! reading launch's output is not held open by the server.
 //!
@@ -896,6 +900,13 @@ fn server_main(
             let _ = nix::unistd::dup2_stdin(&null);
             let _ = nix::unistd::dup2_stdout(&null);
         }
+        // Launch's mount namespace, the container's, held until launch has exited: the
+        // namespace's end (the FUSE unmount, and the eviction of every inode and dentry the
+        // kernel holds of the image) then happens here, after launch's parent has its exit
+        // status, instead of inside launch's exit where the parent waits for it. Dropped
+        // when launch is gone (the stderr guard, below), so the container still ends with
+        // its last process; if this process dies, the kernel drops it.
+        let container_ns = fs::File::open("/proc/self/ns/mnt").ok();
         unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
         nix::unistd::write(&ready, b"u").map_err(|e| errno_msg("pipe", e))?;
         // The command's files and the hot files are read ahead into the page cache by a
@@ -910,7 +921,7 @@ fn server_main(
             let (fd_r, fd_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| errno_msg("pipe", e))?;
             match fork() {
                 Ok(Forked::Child) => {
-                    drop((fuse, ready, go, group, fd_w));
+                    drop((fuse, ready, go, group, fd_w, container_ns));
                     warm_main(&img, &fd_r, parent, opts, me);
                 }
                 Ok(Forked::Parent(pid)) => helper = Some((pid, fd_r, fd_w)),
@@ -956,6 +967,7 @@ fn server_main(
                 if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
                     let _ = nix::unistd::dup2_stderr(&null);
                 }
+                drop(container_ns);
             })
             .map_err(|e| e.to_string())?;
         nix::unistd::write(&ready, b"r").map_err(|e| errno_msg("pipe", e))?;

@@ -708,6 +708,23 @@ fn a_daemon_outlives_the_app_and_then_everything_goes() {
     fs::remove_file(&img).unwrap();
 }
 
+/// The server holds the container's mount namespace until launch has exited (so that the
+/// namespace's end is not part of launch's exit) and then lets it go: after a plain run, the
+/// server ends and no mount of the image is left.
+#[test]
+fn after_a_run_the_server_lets_the_container_go() {
+    if !capable() {
+        return;
+    }
+    let f = fixture();
+    let img = f.work.join(format!("plain-{}.cimg", std::process::id()));
+    fs::copy(&f.image, &img).unwrap();
+    let i = img.display().to_string();
+    let o = launch(&[&i, "--", "true"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    gone(&i);
+}
+
 /// Start `sleep` in a container of a private copy of the image; returns (launch child, the
 /// app's pid, the server's pid, image path).
 fn sleeping_container(tag: &str) -> (std::process::Child, u32, u32, String) {
