@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -680,11 +680,7 @@ fn a_daemon_outlives_the_app_and_then_everything_goes() {
     if !capable() {
         return;
     }
-    let f = fixture();
-    // A private copy of the image so that counting its mounts and servers is unambiguous.
-    let img = f.work.join(format!("daemon-{}.cimg", std::process::id()));
-    fs::copy(&f.image, &img).unwrap();
-    let i = img.display().to_string();
+    let (img, i) = private_image("daemon");
     let host = tempfile::tempdir_in("/tmp").unwrap();
     let out_file = host.path().join("daemon-out").display().to_string();
     let go = host.path().join("go").display().to_string();
@@ -708,6 +704,16 @@ fn a_daemon_outlives_the_app_and_then_everything_goes() {
     fs::remove_file(&img).unwrap();
 }
 
+/// A private copy of the test image, named after `tag`, so that counting its mounts and
+/// servers is unambiguous: its path, and the path as a string.
+fn private_image(tag: &str) -> (PathBuf, String) {
+    let f = fixture();
+    let img = f.work.join(format!("{tag}-{}.cimg", std::process::id()));
+    fs::copy(&f.image, &img).unwrap();
+    let i = img.display().to_string();
+    (img, i)
+}
+
 /// The server holds the container's mount namespace until launch has exited (so that the
 /// namespace's end is not part of launch's exit) and then lets it go: after a plain run, the
 /// server ends and no mount of the image is left.
@@ -716,10 +722,7 @@ fn after_a_run_the_server_lets_the_container_go() {
     if !capable() {
         return;
     }
-    let f = fixture();
-    let img = f.work.join(format!("plain-{}.cimg", std::process::id()));
-    fs::copy(&f.image, &img).unwrap();
-    let i = img.display().to_string();
+    let (_, i) = private_image("plain");
     let o = launch(&[&i, "--", "true"]);
     assert_eq!(code(&o), 0, "{o:?}");
     gone(&i);
@@ -734,10 +737,7 @@ fn sleeping_container(tag: &str) -> (std::process::Child, u32, u32, String) {
 /// A container running `script` (which first prints its pid) on a copy of the image:
 /// (launch, the app's pid, the server's pid, the image copy).
 fn running_container(tag: &str, script: &str) -> (std::process::Child, u32, u32, String) {
-    let f = fixture();
-    let img = f.work.join(format!("{tag}-{}.cimg", std::process::id()));
-    fs::copy(&f.image, &img).unwrap();
-    let i = img.display().to_string();
+    let (_, i) = private_image(tag);
     let mut child = Command::new(LAUNCH)
         .args([&i, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
