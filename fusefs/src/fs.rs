@@ -65,6 +65,10 @@ pub const PREFETCH_BLOCKS: usize = 16;
 const MAX_BAD_LOGGED: usize = 100;
 const MAX_BAD_NAMED: usize = 16;
 
+/// The largest READ asked of an image of small blocks: the kernel's default read-ahead, so
+/// a mount as an ordinary user (who cannot raise it) keeps that window.
+const READ_MIN: u32 = 128 << 10;
+
 /// Queue length of the prefetch workers; prefetches beyond it are dropped.
 const PREFETCH_QUEUE: usize = 256;
 
@@ -1169,6 +1173,16 @@ impl Filesystem for CimgFs {
             // Capabilities the kernel lacks are simply not used.
             let _ = config.add_capabilities(cap);
         }
+        // READs of at most one block (the kernel's largest READ follows the larger of these
+        // two), unless blocks are smaller than the kernel's own 128 KiB read-ahead: each READ
+        // is then answered straight from its cached block, with no copy to assemble one that
+        // spans blocks, and the read-ahead window (1 MiB as root, `--read-ahead-kb`) goes out
+        // as several READs that the workers answer in parallel. fuse-bench's 1 GiB file, old
+        // (1 MiB READs) and new binaries alternating: cold read 1.33 -> 1.24 s, sequential
+        // 948 -> 1036 MB/s (medians of 15 runs each; /usr/share showed no difference).
+        let most = self.inner.blksize.max(READ_MIN);
+        let _ = config.set_max_write(most);
+        let _ = config.set_max_readahead(most);
         let _ = config.set_max_background(256);
         let _ = config.set_congestion_threshold(192);
         self.start_workers()

@@ -282,7 +282,7 @@ fn mount_direct(
 /// Read-ahead `cimg-mount` asks the kernel for (`--read-ahead-kb`): 1 MiB. The kernel's
 /// default for a FUSE mount is 128 KiB; with 1 MiB a cold sequential read of a 1 GiB file
 /// (`dd bs=1M` after dropping caches, two runs each) went from 0.76–0.98 to 1.1–1.2 GB/s here
-/// (bigger requests, more of them in flight while the workers decompress). `launch` keeps the default: a start-up mostly faults in pieces of
+/// (more READs in flight while the workers decompress). `launch` keeps the default: a start-up mostly faults in pieces of
 /// executables, where a bigger window only decompresses more.
 pub const DEFAULT_READ_AHEAD_KB: u32 = 1024;
 
