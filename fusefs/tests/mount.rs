@@ -825,10 +825,10 @@ fn a_corrupt_metadata_frame_gives_eio_to_what_it_holds_only() {
     m.unmount();
 }
 
-/// The host's `/usr`, packed and compared whole through the kernel. Slow (it reads `/usr`
-/// three times): run with `cargo test -p cimg-fuse --test mount -- --ignored`.
+/// The host's `/usr`, packed and compared whole through the kernel: content, type, mode,
+/// size, mtime, link targets, xattrs, hard links, readdir order. It reads `/usr` three times
+/// (here, 5.6 GiB in 140,000 entries: 46 s).
 #[test]
-#[ignore = "packs and compares the host's /usr; slow"]
 fn host_usr_matches_source() {
     if !fuse_available() {
         return;
