@@ -165,6 +165,11 @@ fn build_tree(root: &Path) -> bool {
     xattrs
 }
 
+/// Under `dir`: the paths of a source tree, an image file and a mount point (none made).
+fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (dir.join("src"), dir.join("img.cimg"), dir.join("mnt"))
+}
+
 fn pack(src: &Path, img: &Path, block_log: u8) {
     let opts = PackOptions {
         block_log,
@@ -342,11 +347,7 @@ fn mounted_tree_matches_source() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
+    let (src, img, mnt) = paths(tmp.path());
     let xattrs = build_tree(&src);
     pack(&src, &img, 17);
     let m = mount(&img, &mnt, &["--threads", "4", "--cache-size", "2M"]);
@@ -482,7 +483,7 @@ fn wait_child(child: &mut Child) -> std::process::ExitStatus {
 
 /// In `dir`: an image holding one file `f` ("data"), and an empty mount point.
 fn one_file_image(dir: &Path) -> (PathBuf, PathBuf) {
-    let (src, img, mnt) = (dir.join("src"), dir.join("img.cimg"), dir.join("mnt"));
+    let (src, img, mnt) = paths(dir);
     fs::create_dir_all(&src).expect("mkdir");
     fs::create_dir_all(&mnt).expect("mkdir");
     fs::write(src.join("f"), b"data").expect("write");
@@ -644,11 +645,7 @@ fn corrupt_block_and_truncated_image_give_eio() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
+    let (src, img, mnt) = paths(tmp.path());
     fs::create_dir_all(&src).expect("mkdir");
     let mut r = Rng(77);
     // c spans more blocks (64 KiB) than the read-ahead that follows b's reads brings in.
@@ -754,11 +751,7 @@ fn a_corrupt_metadata_frame_gives_eio_to_what_it_holds_only() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
+    let (src, img, mnt) = paths(tmp.path());
     // a is small; b's 1,500 entries are the last of the entry table and fill six 4 KiB frames.
     fs::create_dir_all(src.join("a")).expect("mkdir");
     fs::create_dir_all(src.join("b")).expect("mkdir");
@@ -850,7 +843,7 @@ fn host_usr_matches_source() {
 /// Under `dir`: `src` with the files `names` (in `src/d` too) of `len` random text bytes
 /// each; the paths of `src`, an image file and a mount point (neither made).
 fn text_tree(dir: &Path, seed: u64, names: &[&str], len: usize) -> (PathBuf, PathBuf, PathBuf) {
-    let (src, img, mnt) = (dir.join("src"), dir.join("img.cimg"), dir.join("mnt"));
+    let (src, img, mnt) = paths(dir);
     fs::create_dir_all(src.join("d")).expect("mkdir");
     let mut r = Rng(seed);
     for n in names {
@@ -1082,11 +1075,7 @@ fn listed_small_files(
     args: &[&str],
 ) -> (tempfile::TempDir, Mounted, PathBuf, Vec<PathBuf>) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, img, mnt) = (
-        tmp.path().join("src"),
-        tmp.path().join("img.cimg"),
-        tmp.path().join("mnt"),
-    );
+    let (src, img, mnt) = paths(tmp.path());
     let dir = src.join("small");
     fs::create_dir_all(&dir).expect("mkdir");
     let mut r = Rng(seed);
