@@ -1056,14 +1056,32 @@ impl CimgFs {
         xattr_answer(v.to_vec(), size)
     }
 
-    fn do_listxattr(&self, i: INodeNo, size: u32) -> FResult<XattrAnswer> {
+    fn do_listxattr(&self, i: INodeNo, size: u32, uid: u32) -> FResult<XattrAnswer> {
         let mut list = Vec::new();
+        let trusted = uid == 0 && in_initial_user_namespace();
         for (k, _) in self.inner.img.xattrs(ino(i)?)? {
+            if !trusted && k.starts_with(b"trusted.") {
+                continue;
+            }
             list.extend_from_slice(k);
             list.push(0);
         }
         xattr_answer(list, size)
     }
+}
+
+/// Whether this server runs in the initial user namespace (its uid map is the identity over
+/// every id). The kernel's own filesystems list `trusted.*` attributes only to a caller with
+/// `CAP_SYS_ADMIN` there, and the kernel refuses to read them to anyone else whatever a
+/// filesystem answers; so this driver lists them to uid 0 only, and only when serving from
+/// the initial namespace (`cimg-mount` run by root). Inside `launch`'s user namespace no
+/// caller qualifies. Read once per process.
+fn in_initial_user_namespace() -> bool {
+    static INITIAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INITIAL.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+    })
 }
 
 enum XattrAnswer {
@@ -1391,8 +1409,8 @@ impl Filesystem for CimgFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.do_listxattr(ino, size) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.do_listxattr(ino, size, req.uid()) {
             Ok(XattrAnswer::Size(n)) => reply.size(n),
             Ok(XattrAnswer::Data(v)) => reply.data(&v),
             Err(e) => reply.error(e.errno()),

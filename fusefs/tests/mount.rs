@@ -1178,3 +1178,67 @@ fn record_hot_records_small_files_of_one_block() {
     let want: String = order.iter().map(|&k| format!("/small/f{k:03}\n")).collect();
     assert_eq!(fs::read_to_string(&hot).expect("hot list"), want);
 }
+
+/// `trusted.*` attributes, which the kernel lets only a caller with `CAP_SYS_ADMIN` read, are
+/// not even listed to an ordinary reader (as ext4 and tmpfs behave); root still sees them,
+/// and `user.*` attributes are listed to everyone.
+#[test]
+fn trusted_xattr_names_are_listed_to_root_only() {
+    if !fuse_available() {
+        return;
+    }
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let root = nix::unistd::geteuid().is_root();
+    let have = |t: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !root || !have("setpriv") || !have("getfattr") {
+        assert!(
+            !ci,
+            "needs root, setpriv (util-linux) and getfattr (attr) in CI"
+        );
+        eprintln!("skipping: needs root, setpriv (util-linux) and getfattr (attr)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (src, img, mnt) = paths(tmp.path());
+    fs::create_dir(&src).expect("mkdir");
+    write(&src.join("f"), b"x", 0o644);
+    xattr::set(src.join("f"), "user.seen", b"1").expect("set user.seen");
+    xattr::set(src.join("f"), "trusted.hidden", b"2").expect("set trusted.hidden");
+    pack(&src, &img, 12);
+    let m = mount(&img, &mnt, &[]);
+    let listed = |user: Option<&str>| {
+        let mut c = match user {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", uid, "--regid", uid, "--clear-groups", "getfattr"]);
+                c
+            }
+            None => Command::new("getfattr"),
+        };
+        let o = c
+            .args(["--absolute-names", "-m", "-"])
+            .arg(mnt.join("f"))
+            .output()
+            .expect("run getfattr");
+        assert!(o.status.success(), "getfattr: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let as_root = listed(None);
+    assert!(
+        as_root.contains("user.seen") && as_root.contains("trusted.hidden"),
+        "{as_root}"
+    );
+    let as_user = listed(Some("65534"));
+    assert!(as_user.contains("user.seen"), "{as_user}");
+    assert!(
+        !as_user.contains("trusted."),
+        "an ordinary reader sees: {as_user}"
+    );
+    m.unmount();
+}
