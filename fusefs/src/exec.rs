@@ -307,6 +307,31 @@ pub fn loader_ranges(head: &[u8], size: u64) -> Vec<Range<u64>> {
     merged
 }
 
+/// The program the kernel runs to execute a file whose first bytes are `head`: an ELF
+/// file's `PT_INTERP` (its dynamic loader; `None` for a static one) or a script's `#!`
+/// interpreter. For explaining an exec that fails with `ENOENT` although the file exists.
+pub fn interpreter(head: &[u8]) -> Option<PathBuf> {
+    use goblin::elf::program_header::{PT_INTERP, ProgramHeader};
+    if head.starts_with(b"#!") {
+        return shebang(head);
+    }
+    let h = goblin::elf::Elf::parse_header(head).ok()?;
+    let ctx = goblin::container::Ctx::new(h.container().ok()?, h.endianness().ok()?);
+    let phdrs = ProgramHeader::parse(
+        head,
+        usize::try_from(h.e_phoff).ok()?,
+        h.e_phnum.into(),
+        ctx,
+    )
+    .ok()?;
+    let ph = phdrs.iter().find(|ph| ph.p_type == PT_INTERP)?;
+    let start = usize::try_from(ph.p_offset).ok()?;
+    let len = usize::try_from(ph.p_filesz).ok()?;
+    let bytes = head.get(start..start.checked_add(len)?)?;
+    let name = bytes.split(|&c| c == 0).next()?;
+    (!name.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(name)))
+}
+
 /// The interpreter named on a script's `#!` line.
 fn shebang(bytes: &[u8]) -> Option<PathBuf> {
     let line = bytes.get(2..)?.split(|&c| c == b'\n').next()?;

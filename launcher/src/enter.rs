@@ -46,7 +46,7 @@ pub struct HostPath {
 impl HostPath {
     /// Clone the tree at `path` (following symlinks). `what` prefixes the error.
     pub fn open(path: &Path, what: &str) -> Result<HostPath, Error> {
-        let tree = crate::sys::clone_tree(path)
+        let tree = clone_tree(rustix::fs::CWD, path)
             .map_err(|e| Error::setup(errno_msg(format!("{what} {}", path.display()), e)))?;
         let is_dir = nix::sys::stat::fstat(&tree)
             .map(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR)
@@ -61,9 +61,71 @@ impl HostPath {
 
     /// Attach the tree onto `target` (a descriptor in the container's root).
     pub fn attach(&self, target: &OwnedFd, what: &str) -> Result<(), Error> {
-        crate::sys::attach_tree(&self.tree, target)
+        attach_tree(&self.tree, target)
             .map_err(|e| Error::setup(errno_msg(format!("cannot bind {what}"), e)))
     }
+
+    /// Make every mount of the tree read-only (before it is attached).
+    pub fn read_only(&self, what: &str) -> Result<(), Error> {
+        crate::sys::make_tree_read_only(&self.tree)
+            .map_err(|e| Error::setup(errno_msg(format!("cannot make {what} read-only"), e)))
+    }
+}
+
+/// open_tree(2) with `OPEN_TREE_CLONE | AT_RECURSIVE`: a detached copy of the mount tree at
+/// `path` relative to `dir` (following symlinks; `path` empty: `dir` itself), as it is now.
+/// Later mounts on or under it are not in the copy.
+fn clone_tree(dir: impl AsFd, path: &Path) -> Result<OwnedFd, Errno> {
+    use rustix::mount::OpenTreeFlags as F;
+    let mut flags = F::OPEN_TREE_CLONE | F::AT_RECURSIVE | F::OPEN_TREE_CLOEXEC;
+    if path.as_os_str().is_empty() {
+        flags |= F::AT_EMPTY_PATH;
+    }
+    rustix::mount::open_tree(dir, path, flags).map_err(errno)
+}
+
+/// move_mount(2) of the detached tree `tree` onto the file or directory `target` refers to.
+fn attach_tree(tree: &impl AsFd, target: &impl AsFd) -> Result<(), Errno> {
+    use rustix::mount::MoveMountFlags as F;
+    rustix::mount::move_mount(
+        tree,
+        "",
+        target,
+        "",
+        F::MOVE_MOUNT_F_EMPTY_PATH | F::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(errno)
+}
+
+/// pidfd_open(2): a descriptor of process `pid`, to enter its namespaces or hand to a peer.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(Errno::ESRCH)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).map_err(errno)
+}
+
+/// A rustix error as nix's.
+pub fn errno(e: rustix::io::Errno) -> Errno {
+    Errno::from_raw(e.raw_os_error())
+}
+
+/// The parts of `/proc` through which a process writes kernel settings or pokes hardware,
+/// made read-only in every container, as Docker and Podman do: a sysctl write is checked
+/// against the file's owner only, so a container run by the real root (uid 0 inside is
+/// uid 0 outside, even without capabilities) could otherwise set `kernel.core_pattern` (a
+/// program the kernel runs as full root on the next crash) or `vm.*`.
+pub const PROC_READ_ONLY: [&str; 4] =
+    ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"];
+
+/// Bind `path` of the container (already bound from the host) read-only onto itself.
+pub fn bind_read_only(root: &Root, path: &Path) -> Result<(), Error> {
+    let what = path.display().to_string();
+    let target = root.target(path, Make::No, "read-only bind")?;
+    let tree = clone_tree(&target, Path::new(""))
+        .map_err(|e| Error::setup(errno_msg(format!("cannot bind {what}"), e)))?;
+    crate::sys::make_tree_read_only(&tree)
+        .map_err(|e| Error::setup(errno_msg(format!("cannot make {what} read-only"), e)))?;
+    attach_tree(&tree, &target)
+        .map_err(|e| Error::setup(errno_msg(format!("cannot bind {what}"), e)))
 }
 
 /// `/proc/self/fd/N`: a path that mount(2) follows to exactly the file `fd` refers to.
@@ -422,9 +484,13 @@ impl Exec {
     pub fn exec(&self) -> Error {
         use crate::plan::exit;
         let mut denied: Option<Errno> = None;
+        let mut no_interpreter: Option<(&Path, PathBuf)> = None;
         for (cand, path) in &self.candidates {
             let e = nix::unistd::execve(path, &self.args, &self.envp).unwrap_err();
             match e {
+                Errno::ENOENT if no_interpreter.is_none() => {
+                    no_interpreter = missing_interpreter(cand).map(|i| (cand.as_path(), i));
+                }
                 Errno::ENOENT | Errno::ENOTDIR => {}
                 Errno::EACCES | Errno::ENOEXEC | Errno::EPERM | Errno::EISDIR => {
                     denied.get_or_insert(e);
@@ -435,17 +501,39 @@ impl Exec {
             }
         }
         let shown = &self.shown;
-        match denied {
-            Some(e) => Error::new(
+        match (denied, no_interpreter) {
+            (Some(e), _) => Error::new(
                 exit::NOEXEC,
                 errno_msg(format!("cannot execute {shown}"), e),
             ),
-            None => Error::new(
+            (None, Some((cand, interp))) => Error::new(
+                exit::NOTFOUND,
+                format!(
+                    "cannot execute {}: its interpreter {} is not in the container",
+                    cand.display(),
+                    interp.display()
+                ),
+            ),
+            (None, None) => Error::new(
                 exit::NOTFOUND,
                 format!("{shown}: command not found in the container"),
             ),
         }
     }
+}
+
+/// Why an exec of `path` failed with `ENOENT` if `path` itself exists: the interpreter its
+/// header names (an ELF file's dynamic loader, a script's `#!` line), when that is missing.
+fn missing_interpreter(path: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    fs::File::open(path)
+        .ok()?
+        .take(64 << 10)
+        .read_to_end(&mut head)
+        .ok()?;
+    let interp = cimg_fuse::exec::interpreter(&head)?;
+    (!interp.exists()).then_some(interp)
 }
 
 /// The plan's inside ids: `-u`/`-g` or the caller's.

@@ -172,22 +172,44 @@ fn tag_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
     ))
 }
 
-/// The abstract socket name of a group.
-fn address(tag: &str) -> Result<UnixAddr, Error> {
+/// How many rendezvous names a group tries before it gives up on joining: a name held by
+/// another user (names are predictable, and listed in `/proc/net/unix`) moves the group to
+/// the next one, so squatting them all takes this many sockets held for as long as the
+/// victim's jobs run, and then only costs the victim its sharing, never its jobs.
+const NAMES: u32 = 8;
+
+/// How long a name that refuses connections but cannot be bound (bound by a socket that does
+/// not listen) may stay so before it counts as held by someone else: a creating peer is in
+/// that state only between its bind and its listen.
+const SQUAT_WAIT: Duration = Duration::from_millis(500);
+
+/// The abstract socket name `k` (0-based) of a group of host user `uid`. The uid is the
+/// caller's on the host, read before any user namespace is made (inside one, with `-u`, the
+/// caller's uid is another).
+fn address(uid: Uid, tag: &str, k: u32) -> Result<UnixAddr, Error> {
     let tag = if tag.len() > 64 {
         format!("{:032x}", xxhash_rust::xxh3::xxh3_128(tag.as_bytes()))
     } else {
         tag.to_string()
     };
-    let name = format!("cimg-join/{}/{tag}", Uid::current());
+    let name = match k {
+        0 => format!("cimg-join/{uid}/{tag}"),
+        k => format!("cimg-join/{uid}/{tag}#{k}"),
+    };
     UnixAddr::new_abstract(name.as_bytes())
         .map_err(|e| Error::other(errno_msg("join socket name", e)))
 }
 
 /// What the rendezvous made of this launch.
 pub enum Role {
-    /// First: create the container; the listening socket goes to the FUSE server.
-    Creator(OwnedFd),
+    /// First: create the container; the listening socket (bound to `addr`) goes to the FUSE
+    /// server.
+    Creator {
+        /// The listening socket.
+        listener: OwnedFd,
+        /// Its name, for the creator's own connection once it is inside.
+        addr: UnixAddr,
+    },
     /// The container exists: enter it with `pidfd`; `conn` stays open while this peer lives.
     Joiner {
         /// The connection to the group's server.
@@ -197,16 +219,23 @@ pub enum Role {
         /// The image's config (JSON), empty if none.
         config: Vec<u8>,
     },
+    /// Every name of the group is held by other users: run in a container of its own (the
+    /// message says why, as a warning).
+    Alone(String),
 }
 
 /// How long a peer waits for the creator to finish the container.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Find the group or become its creator.
+/// Find the group or become its creator. Must be called before the user namespace is made.
 pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
-    let addr = address(tag)?;
+    let uid = Uid::current();
     let start = Instant::now();
     let sock_err = |what: &str, e| Error::other(errno_msg(format!("join {tag}: {what}"), e));
+    let mut k = 0;
+    let mut addr = address(uid, tag, k)?;
+    // Since when the current name has refused connections and bindings alike.
+    let mut refused_since: Option<Instant> = None;
     loop {
         if start.elapsed() > WAIT {
             return Err(Error::other(format!(
@@ -214,6 +243,7 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
                 WAIT.as_secs()
             )));
         }
+        let mut squatted = false;
         let s = socket(
             AddressFamily::Unix,
             SockType::Stream,
@@ -222,6 +252,7 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
         )
         .map_err(|e| sock_err("socket", e))?;
         match connect(s.as_raw_fd(), &addr) {
+            Ok(()) if !same_user(&s) => squatted = true,
             Ok(()) => match ask(&s, tag, count, image)? {
                 Some((pidfd, config)) => {
                     return Ok(Role::Joiner {
@@ -239,21 +270,38 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
             Err(Errno::ECONNREFUSED) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(sock_err("connect", e)),
         }
-        let l = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| sock_err("socket", e))?;
-        match bind(l.as_raw_fd(), &addr) {
-            Ok(()) => {
-                listen(&l, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))
-                    .map_err(|e| sock_err("listen", e))?;
-                return Ok(Role::Creator(l));
+        if !squatted {
+            let l = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| sock_err("socket", e))?;
+            match bind(l.as_raw_fd(), &addr) {
+                Ok(()) => {
+                    listen(&l, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))
+                        .map_err(|e| sock_err("listen", e))?;
+                    return Ok(Role::Creator { listener: l, addr });
+                }
+                Err(Errno::EADDRINUSE) => {
+                    let since = *refused_since.get_or_insert_with(Instant::now);
+                    squatted = since.elapsed() > SQUAT_WAIT;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(sock_err("bind", e)),
             }
-            Err(Errno::EADDRINUSE) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => return Err(sock_err("bind", e)),
+        }
+        if squatted {
+            k += 1;
+            if k == NAMES {
+                return Ok(Role::Alone(format!(
+                    "join {tag}: the group's socket names are held by another user; \
+                     running in a container of its own"
+                )));
+            }
+            addr = address(uid, tag, k)?;
+            refused_since = None;
         }
     }
 }
@@ -265,8 +313,14 @@ fn request(kind: char, count: u32, image: &Path) -> Vec<u8> {
     m
 }
 
+/// Whether the process at the other end of `fd` belongs to this process's user on the host.
+/// `SO_PEERCRED` is read in this process's user namespace: inside one, every other host user
+/// reads as the overflow uid, which may be the uid this process has there (`-u 65534`); so
+/// the peer must also be one this process may signal, which the kernel decides on host ids
+/// ([`crate::sys::may_signal`], on the peer's pidfd: no pid reuse).
 fn same_user(fd: &impl AsFd) -> bool {
     getsockopt(fd, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == Uid::current().as_raw())
+        && getsockopt(fd, sockopt::PeerPidfd).is_ok_and(|p| crate::sys::may_signal(&p))
 }
 
 /// Ask the server to join: `Some((pidfd, config))`, or `None` if the connection closed first.
@@ -276,11 +330,6 @@ fn ask(
     count: u32,
     image: &Path,
 ) -> Result<Option<(OwnedFd, Vec<u8>)>, Error> {
-    if !same_user(s) {
-        return Err(Error::other(format!(
-            "join {tag}: the group's socket belongs to another user"
-        )));
-    }
     if write(s, &request('J', count, image)).is_err() {
         return Ok(None);
     }
@@ -356,9 +405,13 @@ pub fn register(conn: &OwnedFd) -> Result<(), Error> {
         .map_err(|e| Error::other(errno_msg("join: register", e)))
 }
 
-/// The creator's own connection, made once it is inside.
-pub fn connect_creator(tag: &str, count: u32, image: &Path) -> Result<OwnedFd, Error> {
-    let addr = address(tag)?;
+/// The creator's own connection to `addr` (its group's name), made once it is inside.
+pub fn connect_creator(
+    tag: &str,
+    addr: &UnixAddr,
+    count: u32,
+    image: &Path,
+) -> Result<OwnedFd, Error> {
     let s = socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -366,7 +419,7 @@ pub fn connect_creator(tag: &str, count: u32, image: &Path) -> Result<OwnedFd, E
         None,
     )
     .map_err(|e| Error::other(errno_msg("join: socket", e)))?;
-    connect(s.as_raw_fd(), &addr)
+    connect(s.as_raw_fd(), addr)
         .map_err(|e| Error::other(errno_msg(format!("join {tag}: connect"), e)))?;
     write(&s, &request('C', count, image))
         .map_err(|e| Error::other(errno_msg("join: register", e)))?;
@@ -496,7 +549,7 @@ pub fn serve_group(listener: OwnedFd, count: u32, image: PathBuf, config: Vec<u8
         if !inside.is_empty() {
             for p in peers.iter_mut().filter(|p| p.state == State::Waiting) {
                 for &pid in &inside {
-                    let Ok(pidfd) = crate::sys::pidfd_open(pid) else {
+                    let Ok(pidfd) = crate::enter::pidfd_open(pid) else {
                         continue;
                     };
                     let mut msg = b"K".to_vec();
@@ -527,8 +580,8 @@ pub fn serve_group(listener: OwnedFd, count: u32, image: PathBuf, config: Vec<u8
                 let Some(fd) = crate::sys::own_fds(vec![fd]).pop() else {
                     break;
                 };
-                if let Ok(c) = getsockopt(&fd, sockopt::PeerCredentials)
-                    && c.uid() == Uid::current().as_raw()
+                if same_user(&fd)
+                    && let Ok(c) = getsockopt(&fd, sockopt::PeerCredentials)
                 {
                     peers.push(Peer {
                         fd,

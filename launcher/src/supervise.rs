@@ -42,6 +42,7 @@ use nix::fcntl::OFlag;
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::UnixAddr;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2, setsid};
 
@@ -95,6 +96,8 @@ impl Log {
 /// must agree on.
 struct NewGroup {
     listener: OwnedFd,
+    /// The rendezvous name the listener is bound to.
+    addr: UnixAddr,
     tag: String,
     count: u32,
     image: PathBuf,
@@ -130,15 +133,20 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             // A peer that answered may exit before we enter through it (ESRCH): ask again.
             for _ in 0..1000 {
                 match join::rendezvous(&tag, count, &image)? {
-                    Role::Creator(listener) => {
+                    Role::Creator { listener, addr } => {
                         log.v(|| format!("group {tag}: first of {count}, creating the container"));
                         let g = NewGroup {
                             listener,
+                            addr,
                             tag,
                             count,
                             image,
                         };
                         return create(plan, Some(g), log);
+                    }
+                    Role::Alone(why) => {
+                        log.warn(|| why);
+                        return create(plan, None, log);
                     }
                     Role::Joiner {
                         conn,
@@ -345,7 +353,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // namespace before anything is mounted in it.
     let me = Pid::this();
     let stage = Path::new(STAGE);
-    let mut server: Option<(Pid, OwnedFd, OwnedFd)> = None;
+    let mut server: Option<(StartingServer, OwnedFd, OwnedFd)> = None;
     // launch's /dev/fuse fd, closed as soon as the server serves: the server's must be the
     // only one, so that its death aborts the connection (requests in flight then fail
     // instead of waiting for an answer that never comes, unkillable).
@@ -392,8 +400,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 }
                 Forked::Parent(pid) => {
                     drop((ready_w, go_r));
-                    wait_byte(&ready_r, pid)?;
-                    server = Some((pid, ready_r, go_w));
+                    let mut s = StartingServer::new(pid);
+                    s.wait_byte(&ready_r)?;
+                    server = Some((s, ready_r, go_w));
                     fuse_fd = Some(fuse);
                 }
             }
@@ -408,13 +417,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
     }
     // The listener now belongs to the server (its copy); the group's name stays bound.
-    let group = group.map(|g| (g.tag, g.count, g.image));
-    let kill_server = |server: &Option<(Pid, OwnedFd, OwnedFd)>| {
-        if let Some((pid, ..)) = server {
-            let _ = kill(*pid, Signal::SIGKILL);
-            let _ = waitpid(*pid, None);
-        }
-    };
+    let group = group.map(|g| (g.tag, g.addr, g.count, g.image));
 
     let built = (|| -> Result<Built, Error> {
         enter::mount_tmpfs(stage, "mode=0700,size=4m", "the staging area")?;
@@ -428,7 +431,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         } else {
             root_dir.clone()
         };
-        if let (Some((pid, ready_r, go_w)), Some(fuse)) = (&server, fuse_fd.take()) {
+        if let (Some((srv, ready_r, go_w)), Some(fuse)) = (&mut server, fuse_fd.take()) {
             enter::mount_fuse(&plan.image, &fuse, &lower, in_uid, in_gid)?;
             fuse_root = nix::fcntl::open(
                 &lower,
@@ -443,9 +446,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 Some(r) => format!("g{}", r.as_raw_fd()),
                 None => "g".to_string(),
             };
-            nix::unistd::write(go_w, go.as_bytes())
+            nix::unistd::write(&*go_w, go.as_bytes())
                 .map_err(|e| Error::other(errno_msg("pipe", e)))?;
-            wait_byte(ready_r, *pid)?;
+            srv.wait_byte(ready_r)?;
             drop(fuse);
             log.v(|| "FUSE server answered".into());
         }
@@ -491,9 +494,15 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
         let root = Root::open(&root_dir, writable)?;
 
+        sys.read_only("/sys")?;
         for (p, host) in [("/dev", &dev), ("/proc", &proc_), ("/sys", &sys)] {
             let t = root.target(Path::new(p), Make::Dir, "standard bind")?;
             host.attach(&t, p)?;
+        }
+        for p in enter::PROC_READ_ONLY {
+            if root.exists(Path::new(p)) {
+                enter::bind_read_only(&root, Path::new(p))?;
+            }
         }
         for (p, host) in &etc {
             let p = Path::new(p);
@@ -603,12 +612,18 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             env,
         })
     })();
+    // From here on, a failure is checked against the server's state: one caused by its
+    // death is reported as that death. Dropping the guard on the way out kills it (before
+    // its pipes close, which it would take for launch's failure and say so).
+    let fail = |server: &mut Option<(StartingServer, OwnedFd, OwnedFd)>,
+                fuse_root: &Option<OwnedFd>,
+                e: Error| match server {
+        Some((s, ..)) => s.judge(e, fuse_root.as_ref()),
+        None => e,
+    };
     let built = match built {
         Ok(b) => b,
-        Err(e) => {
-            kill_server(&server);
-            return Err(e);
-        }
+        Err(e) => return Err(fail(&mut server, &fuse_root, e)),
     };
     log.v(|| format!("container ready, cwd {}", built.cwd.display()));
     drop((dev, proc_, sys, etc, host_tmp, home, binds));
@@ -617,32 +632,27 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // area and the host's root are detached), so the app needs no namespace of its own and
     // joiners enter through launch.
     if let Err(e) = enter::pivot(&built.root, &built.cwd) {
-        kill_server(&server);
-        return Err(e);
+        return Err(fail(&mut server, &fuse_root, e));
     }
     log.v(|| "entered the container (pivot_root)".into());
     // A group's creator registers as soon as it is inside, so the other ranks enter while
     // its own command starts: joiners enter through registered peers.
     let conn = match group {
-        Some((tag, count, image)) => match join::connect_creator(&tag, count, &image) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                kill_server(&server);
-                return Err(e);
+        Some((tag, addr, count, image)) => {
+            match join::connect_creator(&tag, &addr, count, &image) {
+                Ok(c) => Some(c),
+                Err(e) => return Err(fail(&mut server, &fuse_root, e)),
             }
-        },
+        }
         None => None,
     };
     // The app.
     let app = match fork_app(&built.cwd, &built.env, &plan.cmd, me, &old_mask) {
         Ok(app) => app,
-        Err(e) => {
-            kill_server(&server);
-            return Err(e);
-        }
+        Err(e) => return Err(fail(&mut server, &fuse_root, e)),
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    let server = server.as_ref().map(|s| (s.0, fuse_root));
+    let server = server.map(|(s, ..)| (s.serving(), fuse_root));
     supervise(&sfd, app, server, conn.as_ref(), &log)
 }
 
@@ -678,7 +688,7 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
                     "--join-pid {pid}: that process is not in a cimg container"
                 )));
             }
-            let pidfd = crate::sys::pidfd_open(pid)
+            let pidfd = enter::pidfd_open(pid)
                 .map_err(|e| Error::usage(errno_msg(format!("--join-pid {pid}"), e)))?;
             let what = format!("the container of process {pid}");
             nix::sched::setns(&pidfd, CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
@@ -851,19 +861,89 @@ fn host_tmp_dir() -> PathBuf {
     }
 }
 
-/// Wait for one byte from the FUSE server (it has left the mount namespace / finished its
-/// handshake); end of file means it failed (it printed why).
-fn wait_byte(fd: &OwnedFd, server: Pid) -> Result<(), Error> {
-    let mut b = [0u8; 1];
-    loop {
-        match nix::unistd::read(fd, &mut b) {
-            Ok(1) => return Ok(()),
-            Err(Errno::EINTR) => continue,
-            _ => {
-                let _ = kill(server, Signal::SIGKILL);
-                let _ = waitpid(server, None);
-                return Err(Error::fuse("the FUSE server failed to start".into()));
+/// The FUSE server while launch sets the container up. Dropped before it serves (any
+/// set-up failure), it is killed and reaped; and it tells a set-up failure caused by its
+/// death (SIGKILL, OOM) from any other, so that whichever call saw the death first (the
+/// mount, a bind, the exec of the command through a dead mount) the launch ends with the
+/// documented status of a dead server ([`exit::OTHER`](crate::plan::exit::OTHER)), not
+/// with that call's own.
+struct StartingServer {
+    pid: Pid,
+    /// Already waited for (its pid may belong to another process now).
+    reaped: bool,
+}
+
+impl StartingServer {
+    fn new(pid: Pid) -> StartingServer {
+        StartingServer { pid, reaped: false }
+    }
+
+    /// Wait for one byte from the server (it has left the mount namespace / finished its
+    /// handshake); end of file means it failed (it printed why) or was killed.
+    fn wait_byte(&mut self, fd: &OwnedFd) -> Result<(), Error> {
+        let mut b = [0u8; 1];
+        loop {
+            match nix::unistd::read(fd, &mut b) {
+                Ok(1) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                _ => {
+                    // End of file: the server is exiting, killed or on its own.
+                    let e = Error::fuse("the FUSE server failed to start".into());
+                    let how = self.ended_within(std::time::Duration::from_millis(500));
+                    return Err(match how {
+                        Some(how) if how.starts_with("signal") => Error::other(format!(
+                            "the FUSE server ended ({how}) while the container was being set up"
+                        )),
+                        _ => e,
+                    });
+                }
             }
+        }
+    }
+
+    /// How the server ended, if it has (waiting at most `wait` for it to).
+    fn ended_within(&mut self, wait: std::time::Duration) -> Option<String> {
+        if self.reaped {
+            return Some("gone".into());
+        }
+        let how = exited_within(self.pid, wait)?;
+        self.reaped = true;
+        Some(how)
+    }
+
+    /// `e`, or the server's death if that is what caused it: a death shows at once as an
+    /// aborted connection of the mount ([`connection_gone`]), its exit status a moment
+    /// later. Costs nothing when the server is alive (a genuine failure).
+    fn judge(&mut self, e: Error, fuse_root: Option<&OwnedFd>) -> Error {
+        let gone = fuse_root.is_some_and(connection_gone);
+        let wait = if gone {
+            std::time::Duration::from_millis(500)
+        } else {
+            std::time::Duration::ZERO
+        };
+        match self.ended_within(wait) {
+            Some(how) if how.starts_with("signal") || gone => Error::other(format!(
+                "the FUSE server ended ({how}) while the container was being set up"
+            )),
+            None if gone => Error::other(
+                "the FUSE connection broke while the container was being set up".into(),
+            ),
+            _ => e,
+        }
+    }
+
+    /// Set-up is done: the server serves, and the supervisor watches it from now on.
+    fn serving(mut self) -> Pid {
+        self.reaped = true; // not killed on drop: it is no longer ours to end
+        self.pid
+    }
+}
+
+impl Drop for StartingServer {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = kill(self.pid, Signal::SIGKILL);
+            let _ = waitpid(self.pid, None);
         }
     }
 }
@@ -1149,10 +1229,7 @@ fn supervise(
             // (a statfs reaches the server; ENOTCONN once the connection is gone) and then
             // give the server's exit a moment to be seen.
             let abnormal = code != 0;
-            let gone = abnormal
-                && fuse_root
-                    .as_ref()
-                    .is_some_and(|r| matches!(nix::sys::statfs::fstatfs(r), Err(Errno::ENOTCONN)));
+            let gone = abnormal && fuse_root.as_ref().is_some_and(connection_gone);
             let wait = if gone || code == 128 + Signal::SIGKILL as i32 {
                 std::time::Duration::from_millis(200)
             } else {
@@ -1184,6 +1261,16 @@ fn supervise(
             };
         }
     }
+}
+
+/// Whether the FUSE connection of the mount whose root is `root` is gone: a statfs reaches
+/// the server, and fails with `ENOTCONN` (or `ECONNABORTED`, once the kernel has aborted the
+/// connection) when nobody serves it any more.
+fn connection_gone(root: &OwnedFd) -> bool {
+    matches!(
+        nix::sys::statfs::fstatfs(root),
+        Err(Errno::ENOTCONN | Errno::ECONNABORTED)
+    )
 }
 
 /// Whether process `pid` (a child) ends within `wait` (polled every millisecond); how.

@@ -1,7 +1,7 @@
 //! The only module of `launch` with `unsafe` code: the program's C entry point, process
-//! creation (fork) and the two mount-API calls that `nix` does not wrap (open_tree,
-//! move_mount). Everything else the launcher needs from the kernel has a safe wrapper in
-//! `nix` or `caps`.
+//! creation (fork), and the two calls that neither `nix` nor `rustix` wraps (mount_setattr,
+//! and pidfd_send_signal of signal 0). Everything else the launcher needs from the kernel
+//! has a safe wrapper in `nix`, `rustix` or `caps`.
 
 #![allow(unsafe_code)]
 
@@ -113,49 +113,42 @@ pub fn spawn_shared(child: &mut dyn FnMut() -> i32) -> Result<Pid, Errno> {
     }
 }
 
-// From the kernel's uapi (linux/mount.h, fcntl.h); not all are in the libc crate.
-const OPEN_TREE_CLONE: nix::libc::c_uint = 1;
-const AT_RECURSIVE: nix::libc::c_uint = 0x8000;
-const MOVE_MOUNT_F_EMPTY_PATH: nix::libc::c_uint = 0x4;
-const MOVE_MOUNT_T_EMPTY_PATH: nix::libc::c_uint = 0x40;
-
-/// open_tree(2) with `OPEN_TREE_CLONE | AT_RECURSIVE`: a detached copy of the mount tree at
-/// `path` (following symlinks), as it is now. Later mounts on or under `path` are not in it.
-pub fn clone_tree(path: &std::path::Path) -> Result<OwnedFd, Errno> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-    let flags = OPEN_TREE_CLONE | AT_RECURSIVE | nix::libc::O_CLOEXEC as nix::libc::c_uint;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; the syscall takes
-    // (int dfd, const char *path, unsigned flags) and returns a new fd or -1.
-    let fd = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_open_tree,
-            nix::libc::AT_FDCWD,
-            c.as_ptr(),
-            flags,
-        )
-    };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+/// `struct mount_attr` of the kernel's uapi (linux/mount.h), which the libc crate lacks.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
 }
 
-/// move_mount(2) of the detached tree `tree` onto the file or directory `target` refers to.
-pub fn attach_tree(tree: &impl AsRawFd, target: &impl AsRawFd) -> Result<(), Errno> {
+/// `AT_RECURSIVE` of the kernel's uapi (fcntl.h).
+const AT_RECURSIVE: nix::libc::c_uint = 0x8000;
+
+/// mount_setattr(2) with `AT_EMPTY_PATH | AT_RECURSIVE`: make every mount of the tree `tree`
+/// refers to (a detached `open_tree` clone or an attached mount's root) read-only. Neither
+/// `nix` nor `rustix` wraps this call.
+pub fn make_tree_read_only(tree: &impl AsRawFd) -> Result<(), Errno> {
+    let attr = MountAttr {
+        attr_set: nix::libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
     let empty = c"";
-    // SAFETY: both descriptors are open for the duration of the call and `empty` is a valid
-    // NUL-terminated string; the syscall takes (int, const char *, int, const char *,
-    // unsigned) and returns 0 or -1.
+    let flags = nix::libc::AT_EMPTY_PATH as nix::libc::c_uint | AT_RECURSIVE;
+    // SAFETY: the descriptor is open for the call, `empty` is a valid NUL-terminated string
+    // and `attr` a valid `struct mount_attr` whose size is passed; the syscall takes (int,
+    // const char *, unsigned, struct mount_attr *, size_t), reads `attr` only, and returns
+    // 0 or -1.
     let r = unsafe {
         nix::libc::syscall(
-            nix::libc::SYS_move_mount,
+            nix::libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            target.as_raw_fd(),
-            empty.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
         )
     };
     if r < 0 {
@@ -164,15 +157,25 @@ pub fn attach_tree(tree: &impl AsRawFd, target: &impl AsRawFd) -> Result<(), Err
     Ok(())
 }
 
-/// pidfd_open(2): a descriptor of process `pid` (no flags).
-pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: the syscall takes (pid_t, unsigned) and returns a new fd or -1.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0u32) };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+/// Whether this process may signal the process `pidfd` refers to: pidfd_send_signal(2) of
+/// signal 0, which sends nothing and checks only the permission. The kernel compares the
+/// two processes' user ids as kernel ids (the same user on the host, whatever user
+/// namespace either is in), where `SO_PEERCRED` read inside a user namespace maps every
+/// other user to the overflow uid. Not wrapped for signal 0 by `nix` or `rustix`.
+pub fn may_signal(pidfd: &impl AsRawFd) -> bool {
+    // SAFETY: the descriptor is open for the call; a null `siginfo_t *` is allowed (the
+    // kernel fills in a default) and signal 0 delivers nothing; the syscall takes (int, int,
+    // siginfo_t *, unsigned) and returns 0 or -1.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<nix::libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    r == 0
 }
 
 /// Take ownership of descriptors the kernel just installed in our table (received in an

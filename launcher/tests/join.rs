@@ -505,3 +505,162 @@ fn join_pid_enters_a_running_container() {
     wait_until("nothing left", || processes_with(&img).is_empty());
     fs::remove_file(&img).unwrap();
 }
+
+/// A process of uid 1234 (an unused uid) running a Python program, for playing another user.
+fn as_other_user(program: &str, args: &[&str]) -> Child {
+    // The system's Python: another user cannot run one under root's home (pyenv).
+    const PYTHON: &str = "/usr/bin/python3";
+    assert!(
+        have("setpriv") && std::path::Path::new(PYTHON).exists(),
+        "needs setpriv (util-linux) and {PYTHON} (python3)"
+    );
+    Command::new("setpriv")
+        .args(["--reuid", "1234", "--regid", "1234", "--clear-groups"])
+        .args([PYTHON, "-c", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Python: hold the abstract socket names given as arguments (listening on the first,
+/// bound only on the others), say so, then wait to be killed.
+const SQUAT: &str = r#"
+import socket, sys, time
+held = []
+for i, name in enumerate(sys.argv[1:]):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind("\0" + name)
+    if i == 0:
+        s.listen(64)
+    held.append(s)
+print("held", flush=True)
+time.sleep(120)
+"#;
+
+/// Under `-u`, the uid inside the container is not the caller's, but the peers of a group
+/// still meet (the name is made from the host uid, before the user namespace) and share
+/// one container.
+#[test]
+fn peers_join_under_the_uid_option() {
+    if !capable() {
+        return;
+    }
+    let img = private_image("uid-join");
+    let tag = format!("uid-{}", std::process::id());
+    let release = Release::new();
+    let script = format!("readlink /proc/self/ns/mnt; id -u; {}", release.wait());
+    let args = ["-u", "0", "--join-ct", "2", "--join-tag", &tag, &img];
+    let children = vec![peer(&args, &script), peer(&args, &script)];
+    wait_until("both peers inside", || release.waiting() == 2);
+    release.go();
+    let outs = finish(children);
+    let lines: Vec<String> = outs.iter().map(ok).collect();
+    assert_eq!(lines[0], lines[1], "peers in two containers");
+    assert!(lines[0].ends_with("\n0\n"), "{}", lines[0]);
+}
+
+/// Inside a user namespace every other host user reads as the overflow uid (65534): a group
+/// whose uid inside is 65534 must still tell another user apart, and never hand them a
+/// process of the container. Another user (uid 1234) connects to the group's socket and
+/// asks to join like a peer: the connection is dropped without an answer.
+#[test]
+fn another_user_is_never_let_into_a_group() {
+    if !capable() {
+        return;
+    }
+    let img = private_image("overflow-join");
+    let tag = format!("ovf-{}", std::process::id());
+    let release = Release::new();
+    let victim = peer(
+        &["-u", "65534", "--join-ct", "2", "--join-tag", &tag, &img],
+        &release.wait(),
+    );
+    wait_until("the first peer inside", || release.waiting() == 1);
+    const ASK: &str = r#"
+import array, select, socket, sys
+fds = array.array("i")
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("\0" + sys.argv[1])
+    s.sendall(b"J 2 " + sys.argv[2].encode() + b"\n")
+    if not select.select([s], [], [], 3)[0]:
+        print("no answer"); sys.exit(0)
+    msg, anc, flags, addr = s.recvmsg(4096, socket.CMSG_SPACE(4 * fds.itemsize))
+except (BrokenPipeError, ConnectionResetError):
+    print("dropped"); sys.exit(0)
+for level, kind, data in anc:
+    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+print("answer", msg[:1], "fds", len(fds))
+"#;
+    let o = as_other_user(ASK, &[&format!("cimg-join/0/{tag}"), &img])
+        .wait_with_output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        ["answer b'' fds 0\n", "dropped\n", "no answer\n"].contains(&&*said),
+        "another user got: {said}"
+    );
+    // The group is unharmed.
+    release.go();
+    ok(&victim.wait_with_output().unwrap());
+}
+
+/// Another user holding the group's rendezvous names (they are predictable) does not stop a
+/// job: the peers move to the next name and still share one container; when every name is
+/// held, each runs in a container of its own, with a warning.
+#[test]
+fn squatted_rendezvous_names_do_not_stop_a_job() {
+    if !capable() {
+        return;
+    }
+    let img = private_image("squat-join");
+    let tag = format!("squat-{}", std::process::id());
+    let base = format!("cimg-join/0/{tag}");
+    let names: Vec<String> = std::iter::once(base.clone())
+        .chain((1..8).map(|k| format!("{base}#{k}")))
+        .collect();
+    for held in [2usize, 8] {
+        let mut squatter = as_other_user(
+            SQUAT,
+            &names[..held].iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "held\n");
+        let release = Release::new();
+        let script = format!("readlink /proc/self/ns/mnt; {}", release.wait());
+        let args = ["--join-ct", "2", "--join-tag", &tag, &img];
+        let children = vec![peer(&args, &script), peer(&args, &script)];
+        wait_until("both peers running", || release.waiting() == 2);
+        release.go();
+        let outs = finish(children);
+        let _ = squatter.kill();
+        let _ = squatter.wait();
+        let ns: Vec<String> = outs.iter().map(ok).collect();
+        if held < 8 {
+            assert_eq!(ns[0], ns[1], "{held} names held: peers in two containers");
+            assert!(outs.iter().all(|o| err(o).is_empty()), "{:?}", outs);
+        } else {
+            assert_ne!(ns[0], ns[1], "every name held, yet one container");
+            for o in &outs {
+                assert!(
+                    err(o).contains("held by another user; running in a container of its own"),
+                    "{}",
+                    err(o)
+                );
+            }
+        }
+    }
+}
