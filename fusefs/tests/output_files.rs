@@ -196,6 +196,7 @@ fn record_hot_onto_a_full_filesystem_is_an_error() {
         .expect("stderr")
         .read_to_string(&mut err)
         .expect("read stderr");
+    assert_eq!(names(&full.dir), vec!["filler".to_string()], "{err}");
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.lines().any(|l| l.starts_with("cimg-mount: ")
@@ -203,5 +204,4 @@ fn record_hot_onto_a_full_filesystem_is_an_error() {
             && l.contains("No space left on device")),
         "{err}"
     );
-    assert_eq!(names(&full.dir), vec!["filler".to_string()]);
 }
