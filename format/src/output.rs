@@ -111,6 +111,8 @@ pub struct Output {
     dir: OwnedFd,
     /// The destination as given, for messages.
     dest: PathBuf,
+    /// The destination's directory, absolute: temporaries are registered by absolute path.
+    abs_dir: PathBuf,
     /// The destination's file name in `dir`.
     name: OsString,
     /// The mode it gets before it is named.
@@ -140,12 +142,23 @@ impl Output {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
+        // Readable to be synced after the rename; a directory the user may only write to and
+        // search is opened as a path (everything but that sync works on it).
         let dir = rustix::fs::open(
             dir_path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
+        .or_else(|e| match e {
+            Errno::ACCESS => rustix::fs::open(
+                dir_path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ),
+            e => Err(e),
+        })
         .map_err(|e| Error::io(dir_path, e.into()))?;
+        let abs_dir = std::path::absolute(dir_path).map_err(|e| Error::io(dir_path, e))?;
         let mode = mode & 0o7777 & !umask();
         // Anonymous first. The kernel answers EISDIR (before 3.11: O_TMPFILE unknown, taken
         // as O_DIRECTORY), EOPNOTSUPP (the filesystem cannot) or EINVAL; then a named file.
@@ -164,7 +177,6 @@ impl Output {
         let (fd, named) = match anon {
             Ok(fd) => (fd, None),
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
-                let abs_dir = std::path::absolute(dir_path).map_err(|e| Error::io(dir_path, e))?;
                 let mut tries = 0;
                 loop {
                     let tmp = random_name(&name)?;
@@ -197,6 +209,7 @@ impl Output {
             file: File::from(fd),
             dir,
             dest: dest.to_path_buf(),
+            abs_dir,
             name,
             mode,
             named,
@@ -248,11 +261,10 @@ impl Output {
     /// Give the anonymous file a random name in the directory (registered as pending).
     fn link_anonymous(&mut self) -> io::Result<OsString> {
         let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        let abs_dir = std::path::absolute(self.dest.parent().unwrap_or(Path::new(".")))?;
         let mut tries = 0;
         loop {
             let tmp = random_name(&self.name).map_err(|e| io::Error::other(e.to_string()))?;
-            let abs = abs_dir.join(&tmp);
+            let abs = self.abs_dir.join(&tmp);
             let mut reg = pending();
             // linkat never replaces an existing name (EEXIST), so a planted symlink there
             // is not followed; the magic link in /proc is followed to the file itself.

@@ -222,3 +222,21 @@ fn pack_onto_a_full_filesystem_fails_and_leaves_nothing() {
     );
     assert_eq!(names(&small.dir), Vec::<String>::new());
 }
+
+/// A destination given as a bare file name lands in the current directory, alone.
+#[test]
+fn pack_to_a_bare_file_name() {
+    let d = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(d.path().join("src")).expect("mkdir");
+    fs::write(d.path().join("src/a"), b"a").expect("write");
+    let o = Command::new(BIN)
+        .current_dir(d.path())
+        .args(["pack", "src", "img.cimg", "--quiet"])
+        .output()
+        .expect("run cimg");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        names(d.path()),
+        vec!["img.cimg".to_string(), "src".to_string()]
+    );
+}
