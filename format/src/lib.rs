@@ -7,6 +7,7 @@
 
 pub mod import;
 pub mod layout;
+pub mod output;
 pub mod reader;
 pub mod units;
 pub mod unpack;

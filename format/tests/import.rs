@@ -651,9 +651,13 @@ fn oci_layout(dir: &Path, corrupt: bool) {
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_d, "size": cfg.len()},
         "layers": descs})).unwrap();
     let man_d = put(&manifest);
-    // An arm64 image with only the first layer.
+    // An arm64 image with only the first layer, and a config whose diff_ids say so.
+    let mut arm_cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+    arm_cfg["rootfs"]["diff_ids"] = serde_json::json!([format!("sha256:{}", sha(&layers()[0]))]);
+    let arm_cfg = serde_json::to_vec(&arm_cfg).unwrap();
+    let arm_cfg_d = put(&arm_cfg);
     let arm = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,
-        "config": {"digest": cfg_d, "size": cfg.len()}, "layers": [descs[0]]}))
+        "config": {"digest": arm_cfg_d, "size": arm_cfg.len()}, "layers": [descs[0]]}))
     .unwrap();
     let arm_d = put(&arm);
     let idx = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2,

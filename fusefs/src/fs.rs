@@ -696,7 +696,12 @@ pub struct CimgFs {
 struct HotRecorder {
     seen: Box<[AtomicU64]>,
     order: Mutex<Vec<u32>>,
+    /// Why writing the list at unmount failed, for [`crate::Server::run`] to return.
+    failed: HotFailure,
 }
+
+/// Where the error of writing the hot list at unmount is left (see [`CimgFs::hot_failure`]).
+pub type HotFailure = Arc<Mutex<Option<Error>>>;
 
 impl HotRecorder {
     fn new(inodes: u32) -> Self {
@@ -705,6 +710,7 @@ impl HotRecorder {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             order: Mutex::new(Vec::new()),
+            failed: Arc::default(),
         }
     }
 
@@ -721,8 +727,10 @@ impl HotRecorder {
         }
     }
 
-    /// Write the recorded files as paths, one per line, atomically (temp file + rename).
-    fn write(&self, img: &Image, out: &Path) -> io::Result<usize> {
+    /// Write the recorded files as paths, one per line, all or nothing
+    /// ([`cimg_format::output`]: no planted symlink followed, no empty file left on a full
+    /// disk).
+    fn write(&self, img: &Image, out: &Path) -> Result<usize, Error> {
         let order = std::mem::take(&mut *self.order.lock().unwrap_or_else(|p| p.into_inner()));
         let wanted: HashSet<u32> = order.iter().copied().collect();
         let mut paths: HashMap<u32, Vec<u8>> = HashMap::new();
@@ -731,8 +739,7 @@ impl HotRecorder {
                 paths.entry(e.ino).or_insert_with(|| path.to_vec());
             }
             Ok(())
-        })
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        })?;
         let mut text = Vec::new();
         let mut n = 0;
         for ino in order {
@@ -744,10 +751,7 @@ impl HotRecorder {
                 n += 1;
             }
         }
-        let mut tmp = out.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, &text)?;
-        std::fs::rename(&tmp, out)?;
+        cimg_format::output::write_file(out, &text)?;
         Ok(n)
     }
 }
@@ -878,6 +882,11 @@ impl CimgFs {
     /// page cache. Returns false if already set.
     pub fn set_store(&self, tx: Sender<StoreJob>) -> bool {
         self.inner.store.set(tx).is_ok()
+    }
+
+    /// With `record_hot`: where the error of writing the hot list at unmount is left.
+    pub fn hot_failure(&self) -> Option<HotFailure> {
+        self.hot.as_ref().map(|h| h.failed.clone())
     }
 
     /// The image served.
@@ -1216,7 +1225,12 @@ impl Filesystem for CimgFs {
                     "{}: recorded {n} files in first-read order",
                     out.display()
                 )),
-                Err(e) => crate::log(format_args!("{}: {e}", out.display())),
+                // For `Server::run` to return (its caller reports it, one line, and fails) if
+                // it holds the other end; otherwise (a session dropped unserved) said here.
+                Err(e) if Arc::strong_count(&hot.failed) > 1 => {
+                    *hot.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+                Err(e) => crate::log(format_args!("recording the hot list: {e}")),
             }
         }
     }

@@ -80,6 +80,9 @@ pub enum MountError {
         /// Why.
         err: io::Error,
     },
+    /// The hot list (`record_hot`) could not be written at unmount.
+    #[error("recording the hot list: {0}")]
+    HotList(cimg_format::Error),
     /// The session failed while serving.
     #[error("{}: serving: {err}", mountpoint.display())]
     Serve {
@@ -97,6 +100,8 @@ pub struct Server {
     /// Where this crate mounted it itself (mount(2) on a `/dev/fuse` fd it opened), as opposed
     /// to fuser (through `fusermount3`) or the caller ([`attach_fd`]): see [`Server::unmounter`].
     own_mount: Option<PathBuf>,
+    /// Where the session leaves the error of writing the hot list (`record_hot`).
+    hot_failure: Option<fs::HotFailure>,
 }
 
 /// Unmounts a [`Server`]'s mount point from another thread (e.g. on SIGTERM).
@@ -218,6 +223,7 @@ pub fn mount_file(
             err,
         })?;
     let fs = CimgFs::new(img, opts.fs.clone());
+    let hot_failure = fs.hot_failure();
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&image.display().to_string(), opts);
     let mount_err = |err| MountError::Mount {
@@ -241,6 +247,7 @@ pub fn mount_file(
         session,
         mountpoint: mountpoint.to_path_buf(),
         own_mount,
+        hot_failure,
     })
 }
 
@@ -357,6 +364,7 @@ pub fn attach_fd(
     opts: &MountOptions,
 ) -> Result<Server, MountError> {
     let fs = CimgFs::new(img, opts.fs.clone());
+    let hot_failure = fs.hot_failure();
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&name.display().to_string(), opts);
     let acl = cfg.acl;
@@ -372,6 +380,7 @@ pub fn attach_fd(
         session,
         mountpoint: name.to_path_buf(),
         own_mount: None,
+        hot_failure,
     })
 }
 
@@ -385,12 +394,20 @@ impl Server {
         }
     }
 
-    /// Serve until unmounted.
+    /// Serve until unmounted; then, with `record_hot`, the hot list has been written, and
+    /// failing to is an error.
     pub fn run(self) -> Result<(), MountError> {
         let mountpoint = self.mountpoint;
         self.session
             .run()
-            .map_err(|err| MountError::Serve { mountpoint, err })
+            .map_err(|err| MountError::Serve { mountpoint, err })?;
+        match self
+            .hot_failure
+            .and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).take())
+        {
+            Some(e) => Err(MountError::HotList(e)),
+            None => Ok(()),
+        }
     }
 }
 

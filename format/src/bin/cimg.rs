@@ -144,6 +144,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// SIGINT, SIGTERM and SIGHUP stop a pack without leaving its partial image: they are
+/// blocked in this thread, and so in every thread spawned after (the mask is inherited), and
+/// one thread waits for them, removes the named temporaries not yet renamed
+/// ([`cimg_format::output::exit_removing_pending`]) and exits with 128 + the signal's number,
+/// the status a shell reports for a death by that signal. An anonymous temporary (`O_TMPFILE`)
+/// needs nothing: it goes with the process.
+///
+/// `sigwait` in a thread of its own (nix's `SigSet::wait`) rather than a handler (what the
+/// `signal-hook` crate registers): a handler may only call async-signal-safe functions, so
+/// it could not take the registry's lock or unlink files and would need such a thread
+/// anyway; nix is a dependency already. Only `pack` does this: the other commands leave
+/// nothing behind, and keep the default dispositions.
+fn stop_on_signals() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block()?;
+    std::thread::Builder::new()
+        .name("cimg-signals".into())
+        .spawn(move || {
+            match sigs.wait() {
+                Ok(sig) => cimg_format::output::exit_removing_pending(128 + sig as i32),
+                // The wait itself failed (it does not, short of EINVAL): this thread takes
+                // the signals with their default action, killing the process.
+                Err(_) => {
+                    let _ = sigs.thread_unblock();
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
 fn open(img: &PathBuf) -> Result<Image> {
     Image::open(img).with_context(|| format!("open {}", img.display()))
 }
@@ -164,6 +201,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             platform,
             quiet,
         } => {
+            // First, while this is the only thread: the mask is inherited by the threads the
+            // pack spawns.
+            stop_on_signals().context("pack: signal handling")?;
             if !block_size.is_power_of_two() || !(4096..=1 << 20).contains(&block_size) {
                 bail!("pack: block size {block_size} is not a power of two from 4K to 1M");
             }

@@ -3,9 +3,11 @@
 //!
 //! Every blob read is checked against its digest: the index, manifests and config when they
 //! are read, the layers while they stream (the stored bytes against the OCI descriptor's
-//! digest; for `docker save`, the uncompressed tar against the config's `rootfs.diff_ids`).
-//! Blob names from a manifest must stay inside the layout (no `..`, no absolute path, no
-//! symlink), and digests must be `sha256:` and 64 hex digits.
+//! digest, and the uncompressed tar against the config's `rootfs.diff_ids`, OCI and `docker
+//! save` alike). A blob whose size differs from its OCI descriptor's `size` is refused before
+//! it is read. Blob names from a manifest must stay inside the layout (no `..`, no absolute
+//! path, no symlink on the way: a `blobs/` symlink pointing out of a layout directory is
+//! refused), and digests must be `sha256:` and 64 hex digits.
 //!
 //! The stored config is the JSON object `{"Env": [...], "WorkingDir": "...", "Entrypoint":
 //! [...], "Cmd": [...], "User": "..."}` taken from the image config's `config`, keeping only
@@ -14,10 +16,14 @@
 use super::ImportOptions;
 use super::tar::Layer;
 use crate::{Error, Result};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// Largest JSON blob (index, manifest, config) read.
@@ -69,18 +75,34 @@ fn clean(name: &str) -> Option<String> {
 }
 
 enum Store {
-    Dir(PathBuf),
+    /// A layout directory, and an fd of it that member names are resolved beneath.
+    Dir(PathBuf, OwnedFd),
     Tar {
         path: PathBuf,
         members: HashMap<String, (u64, u64)>,
     },
 }
 
+/// A member found: the file holding it, where it starts, its size, and for a directory
+/// layout the member opened (read from this fd, not reopened by name, where possible).
+struct Found {
+    file: PathBuf,
+    offset: u64,
+    size: u64,
+    open: Option<File>,
+}
+
 impl Store {
     fn new(path: &Path) -> Result<Self> {
         let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         Ok(if md.is_dir() {
-            Store::Dir(path.to_path_buf())
+            let fd = rustix::fs::open(
+                path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io(path, e.into()))?;
+            Store::Dir(path.to_path_buf(), fd)
         } else {
             Store::Tar {
                 path: path.to_path_buf(),
@@ -91,56 +113,126 @@ impl Store {
 
     fn root(&self) -> &Path {
         match self {
-            Store::Dir(p) => p,
+            Store::Dir(p, _) => p,
             Store::Tar { path, .. } => path,
         }
     }
 
-    /// File, offset and length of member `name`.
-    fn locate(&self, name: &str) -> Result<(PathBuf, u64, Option<u64>)> {
+    /// Member `name`, which must stay inside the image: no `..`, and in a directory no
+    /// symlink anywhere on the way (each component is opened with `O_NOFOLLOW` beneath the
+    /// previous one, so a `blobs` or `blobs/sha256` symlink pointing out of the layout is
+    /// refused, as is a symlinked blob), and a regular file.
+    fn locate(&self, name: &str) -> Result<Found> {
         let n = clean(name)
             .ok_or_else(|| invalid(self.root(), format!("{name}: refused: leaves the image")))?;
         match self {
-            Store::Dir(root) => {
-                let p = root.join(&n);
-                let md = std::fs::symlink_metadata(&p)
-                    .map_err(|e| invalid(root, format!("{n}: {e}")))?;
-                if !md.is_file() {
+            Store::Dir(root, dirfd) => {
+                let fail = |e: Errno, at: &Path| -> Error {
+                    let link = rustix::fs::statat(dirfd, at, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+                    if link {
+                        invalid(root, format!("{n}: refused: {} is a symlink", at.display()))
+                    } else {
+                        invalid(root, format!("{n}: {}", io::Error::from(e)))
+                    }
+                };
+                let parts: Vec<&str> = n.split('/').collect();
+                let (last, dirs) = parts.split_last().unwrap_or((&"", &[]));
+                let mut at = PathBuf::new();
+                let mut cur: Option<OwnedFd> = None;
+                for d in dirs {
+                    at.push(d);
+                    let base = cur.as_ref().unwrap_or(dirfd);
+                    let next = rustix::fs::openat(
+                        base,
+                        *d,
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| fail(e, &at))?;
+                    cur = Some(next);
+                }
+                at.push(last);
+                // Non-blocking: a FIFO planted here must not hang the open (refused below).
+                let fd = rustix::fs::openat(
+                    cur.as_ref().unwrap_or(dirfd),
+                    *last,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| fail(e, &at))?;
+                let st = rustix::fs::fstat(&fd).map_err(|e| fail(e, &at))?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
                     return Err(invalid(root, format!("{n}: not a regular file")));
                 }
-                Ok((p, 0, None))
+                Ok(Found {
+                    file: root.join(&n),
+                    offset: 0,
+                    size: st.st_size as u64,
+                    open: Some(File::from(fd)),
+                })
             }
             Store::Tar { path, members } => {
-                let &(off, len) = members
+                let &(offset, size) = members
                     .get(&n)
                     .ok_or_else(|| invalid(path, format!("{n}: not in the archive")))?;
-                Ok((path.clone(), off, Some(len)))
+                Ok(Found {
+                    file: path.clone(),
+                    offset,
+                    size,
+                    open: None,
+                })
             }
         }
     }
 
-    fn layer(&self, name: &str, digest: Option<String>, diff_id: Option<String>) -> Result<Layer> {
-        let (file, offset, len) = self.locate(name)?;
+    /// Member `name`, refused before it is read if a descriptor gave its size and the
+    /// member has another.
+    fn locate_sized(&self, name: &str, size: Option<u64>) -> Result<Found> {
+        let f = self.locate(name)?;
+        match size {
+            Some(want) if want != f.size => Err(invalid(
+                self.root(),
+                format!("{name}: {} bytes, but its descriptor says {want}", f.size),
+            )),
+            _ => Ok(f),
+        }
+    }
+
+    fn layer(
+        &self,
+        name: &str,
+        digest: Option<String>,
+        diff_id: Option<String>,
+        size: Option<u64>,
+    ) -> Result<Layer> {
+        let f = self.locate_sized(name, size)?;
         Ok(Layer {
-            file,
-            offset,
-            len,
+            // The tar reader opens the file again by name; the stored bytes are bounded by
+            // the size found here and checked against the digest as they stream.
+            file: f.file,
+            offset: f.offset,
+            len: Some(f.size),
             digest,
             diff_id,
             name: format!("{}: {name}", self.root().display()),
         })
     }
 
-    fn json(&self, name: &str, digest: Option<&str>) -> Result<Value> {
-        let (file, offset, len) = self.locate(name)?;
+    fn json(&self, name: &str, digest: Option<&str>, size: Option<u64>) -> Result<Value> {
+        let found = self.locate_sized(name, size)?;
         let what = || format!("{}: {name}", self.root().display());
-        let mut f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::io(&file, e))?;
+        let file = &found.file;
+        let mut f = match found.open {
+            Some(f) => f,
+            None => File::open(file).map_err(|e| Error::io(file, e))?,
+        };
+        f.seek(SeekFrom::Start(found.offset))
+            .map_err(|e| Error::io(file, e))?;
         let mut data = Vec::new();
-        f.take(len.unwrap_or(u64::MAX).min(JSON_MAX + 1))
+        f.take(found.size.min(JSON_MAX + 1))
             .read_to_end(&mut data)
-            .map_err(|e| Error::io(&file, e))?;
+            .map_err(|e| Error::io(file, e))?;
         if data.len() as u64 > JSON_MAX {
             return Err(Error::Invalid(format!("{}: larger than 64 MiB", what())));
         }
@@ -155,6 +247,18 @@ impl Store {
         }
         serde_json::from_slice(&data)
             .map_err(|e| Error::Invalid(format!("{}: invalid JSON: {e}", what())))
+    }
+}
+
+/// A descriptor's `size`: `None` if absent (the digest still holds the blob to its bytes),
+/// an error if it is not a byte count.
+fn desc_size(path: &Path, d: &Value) -> Result<Option<u64>> {
+    match d.get("size") {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid(path, format!("descriptor size {v} is not a byte count"))),
     }
 }
 
@@ -206,7 +310,7 @@ fn strs(v: Option<&Value>) -> Vec<String> {
 /// Resolve a `docker save` archive (or a directory of one).
 pub fn docker_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
     let store = Store::new(path)?;
-    let manifest = store.json("manifest.json", None)?;
+    let manifest = store.json("manifest.json", None, None)?;
     let list = manifest
         .as_array()
         .filter(|a| !a.is_empty())
@@ -248,7 +352,7 @@ pub fn docker_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
         .get("Config")
         .and_then(|c| c.as_str())
         .ok_or_else(|| invalid(path, "manifest.json: no Config"))?;
-    let cfg = store.json(cfg_name, digest_in_name(cfg_name).as_deref())?;
+    let cfg = store.json(cfg_name, digest_in_name(cfg_name).as_deref(), None)?;
     let diff_ids = strs(cfg.get("rootfs").and_then(|r| r.get("diff_ids")));
     let names = strs(m.get("Layers"));
     if !diff_ids.is_empty() && diff_ids.len() != names.len() {
@@ -267,7 +371,7 @@ pub fn docker_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
             Some(d) => Some(blob_name(d)?.1),
             None => None,
         };
-        layers.push(store.layer(name, digest_in_name(name), diff)?);
+        layers.push(store.layer(name, digest_in_name(name), diff, None)?);
     }
     Ok(Image {
         layers,
@@ -313,11 +417,11 @@ fn ref_names(d: &Value) -> Vec<String> {
 /// Resolve an OCI image layout (directory or tar of one).
 pub fn oci_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
     let store = Store::new(path)?;
-    let layout = store.json("oci-layout", None)?;
+    let layout = store.json("oci-layout", None, None)?;
     if layout.get("imageLayoutVersion").is_none() {
         return Err(invalid(path, "oci-layout: no imageLayoutVersion"));
     }
-    let index = store.json("index.json", None)?;
+    let index = store.json("index.json", None, None)?;
     let want = opts.platform.as_deref().unwrap_or("linux/amd64");
     let all: Vec<&Value> = index
         .get("manifests")
@@ -380,7 +484,7 @@ pub fn oci_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
             .and_then(|d| d.as_str())
             .ok_or_else(|| invalid(path, "descriptor without a digest"))?;
         let (name, hex) = blob_name(digest)?;
-        let v = store.json(&name, Some(&hex))?;
+        let v = store.json(&name, Some(&hex), desc_size(path, &desc)?)?;
         if let Some(ms) = v.get("manifests").and_then(|m| m.as_array()) {
             // An index (or Docker manifest list): choose by platform.
             desc = ms
@@ -404,14 +508,28 @@ pub fn oci_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
             .ok_or_else(|| invalid(path, format!("{name}: manifest without a config")))?;
         let cdigest = cdesc.get("digest").and_then(|d| d.as_str()).unwrap_or("");
         let (cname, chex) = blob_name(cdigest)?;
-        let cfg = store.json(&cname, Some(&chex))?;
-        let mut layers = Vec::new();
-        for l in v
+        let cfg = store.json(&cname, Some(&chex), desc_size(path, cdesc)?)?;
+        let descs = v
             .get("layers")
             .and_then(|l| l.as_array())
             .map(|a| a.as_slice())
-            .unwrap_or(&[])
-        {
+            .unwrap_or(&[]);
+        // The uncompressed digest of each layer; checked as its tar is read (after the
+        // stored bytes' digest), so a config that lies about the layers is refused. A config
+        // without them (against the spec) is taken on the layers' digests alone.
+        let diff_ids = strs(cfg.get("rootfs").and_then(|r| r.get("diff_ids")));
+        if !diff_ids.is_empty() && diff_ids.len() != descs.len() {
+            return Err(invalid(
+                path,
+                format!(
+                    "{name}: {} layers but {} diff_ids in the config",
+                    descs.len(),
+                    diff_ids.len()
+                ),
+            ));
+        }
+        let mut layers = Vec::new();
+        for (i, l) in descs.iter().enumerate() {
             let media = l.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
             if media.contains("encrypted") {
                 return Err(invalid(
@@ -421,7 +539,11 @@ pub fn oci_image(path: &Path, opts: &ImportOptions) -> Result<Image> {
             }
             let d = l.get("digest").and_then(|d| d.as_str()).unwrap_or("");
             let (lname, lhex) = blob_name(d)?;
-            layers.push(store.layer(&lname, Some(lhex), None)?);
+            let diff = match diff_ids.get(i) {
+                Some(d) => Some(blob_name(d)?.1),
+                None => None,
+            };
+            layers.push(store.layer(&lname, Some(lhex), diff, desc_size(path, l)?)?);
         }
         return Ok(Image {
             layers,

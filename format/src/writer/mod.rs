@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, RwLock};
 pub use tree::{Node, NodeId, Source, Tree, scan_dir};
 use zerocopy::IntoBytes;
@@ -315,8 +315,8 @@ fn file_items(tree: &Tree, order_idx: u32, id: NodeId, bs: u64) -> Result<Vec<It
     Ok(items)
 }
 
-/// Pack `tree` into the image file `out`. The file is written under a temporary name beside
-/// `out` and renamed when complete; on error nothing is left behind. Every regular file must
+/// Pack `tree` into the image file `out`. The file is written to a temporary in `out`'s
+/// directory and renamed when complete ([`crate::output`]); on error nothing is left behind. Every regular file must
 /// have a [`Source::Path`] (or be empty); see [`pack_tree_with`] for streamed content.
 pub fn pack_tree(
     tree: &Tree,
@@ -364,41 +364,12 @@ where
         )));
     }
     tree.check()?;
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let fname = out
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", out.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(fname);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = TempOut {
-        path: dir.join(tmp_name),
-        keep: false,
-    };
-    let file = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-    let stats = write_image(tree, &file, &tmp.path, opts, progress, feed)?;
-    drop(file);
-    std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
-    let mut tmp = tmp;
-    tmp.keep = true;
+    // The output module owns the temporary: anonymous or randomly named, never through a
+    // planted symlink, removed on error, renamed onto `out` once synced.
+    let tmp = crate::output::Output::create(out)?;
+    let stats = write_image(tree, tmp.file(), out, opts, progress, feed)?;
+    tmp.commit()?;
     Ok(stats)
-}
-
-/// Removes a half-written output unless told to keep it.
-struct TempOut {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempOut {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }
 
 fn is_streamed(n: &Node) -> bool {

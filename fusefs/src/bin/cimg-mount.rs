@@ -201,13 +201,8 @@ fn background(a: &Args) -> anyhow::Result<()> {
         cmd.arg("--record-hot").arg(f);
     }
     let stderr = match &a.log {
-        Some(f) => Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(f)
-                .with_context(|| format!("{}", f.display()))?,
-        ),
+        // Appended to, created 0600; a symlink or anything but a regular file is refused.
+        Some(f) => Stdio::from(cimg_format::output::open_log(f)?),
         None => Stdio::piped(),
     };
     let stdin = match opened {
