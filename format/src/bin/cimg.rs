@@ -70,11 +70,25 @@ enum Cmd {
         quiet: bool,
     },
     /// Unpack an image into a directory that does not exist or is empty.
+    ///
+    /// Run as root, it recreates everything the image holds: owners and groups, setuid and
+    /// setgid bits, device nodes, and all xattrs including trusted.* and security.* (file
+    /// capabilities, SELinux labels). Unpack only images you trust as root, or use
+    /// --no-same-owner and --no-devices. Run as another user, it recreates what that user
+    /// may: device nodes, foreign owners and trusted.*/security.* xattrs are skipped with one
+    /// warning at the end. Nothing outside DIR is touched, even if DIR or its parents are
+    /// renamed or replaced by symlinks meanwhile.
     Unpack {
         /// Image file.
         img: PathBuf,
         /// Target directory.
         dir: PathBuf,
+        /// Do not create device nodes.
+        #[arg(long)]
+        no_devices: bool,
+        /// Do not give entries the image's owners, even as root: all belong to the caller.
+        #[arg(long)]
+        no_same_owner: bool,
         /// No progress bar.
         #[arg(short, long)]
         quiet: bool,
@@ -265,12 +279,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Cmd::Unpack { img, dir, quiet } => {
+        Cmd::Unpack {
+            img,
+            dir,
+            no_devices,
+            no_same_owner,
+            quiet,
+        } => {
             let image = open(&img)?;
             let pb = bar(quiet, image.header().logical_bytes.get(), "unpacking");
-            cimg_format::unpack::unpack(&image, &dir, |n| pb.inc(n))
+            let opts = cimg_format::unpack::UnpackOptions {
+                devices: !no_devices,
+                same_owner: !no_same_owner,
+            };
+            let stats = cimg_format::unpack::unpack_with(&image, &dir, &opts, |n| pb.inc(n))
                 .with_context(|| format!("unpack {} into {}", img.display(), dir.display()))?;
             pb.finish_and_clear();
+            // Shown even with --quiet: the tree is not what the image holds.
+            if let Some(w) = stats.warning() {
+                eprintln!("cimg: warning: {w}");
+            }
         }
         Cmd::Ls {
             img,
