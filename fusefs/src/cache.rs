@@ -393,6 +393,23 @@ impl BlockCache {
         Block::new(len)
     }
 
+    /// Drop every ready block and every spare mapping, giving their memory back to the
+    /// system (a reader holding a block keeps it until done). Blocks being loaded are left
+    /// to their loaders. For a server gone idle: the kernel's page cache keeps the data it
+    /// read, and what it evicts is decompressed again on demand.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut st = shard.lock();
+            let ready: Vec<u32> = st.lru.values().copied().collect();
+            for id in ready {
+                st.map.remove(&id);
+            }
+            st.lru.clear();
+            st.bytes = 0;
+        }
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn recycle(&self, b: Block) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let held: usize = spare.iter().map(|m| m.len()).sum();
@@ -449,6 +466,21 @@ mod tests {
         assert_eq!(big.len(), 20 * PAGE);
         assert!(!c.contains(5000));
         assert!(c.bytes() <= cap);
+    }
+
+    #[test]
+    fn clear_drops_every_ready_block() {
+        let c = BlockCache::with_shards(8 * PAGE as u64, 2);
+        for id in 1..=4 {
+            c.get_or_load(id, ok(PAGE, id as u8)).expect("load");
+        }
+        let held = c.get(1).expect("cached");
+        c.clear();
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+        assert!(c.get(2).is_none());
+        assert_eq!(held[0], 1, "a held block stays readable");
+        c.get_or_load(2, ok(PAGE, 9)).expect("reload");
+        assert_eq!(c.get(2).expect("reloaded")[0], 9);
     }
 
     #[test]

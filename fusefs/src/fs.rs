@@ -673,6 +673,29 @@ fn slice(data: &[u8], block: u32, start: usize, n: usize) -> cimg_format::Result
         })
 }
 
+/// A handle on a filesystem's decompressed-block cache that outlives the borrow of the
+/// filesystem by its session: a server gone idle gives the cache's memory back with it.
+#[derive(Clone)]
+pub struct CacheHandle(Arc<Inner>);
+
+impl std::fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CacheHandle").field(&self.0.cache).finish()
+    }
+}
+
+impl CacheHandle {
+    /// Drop every cached block ([`BlockCache::clear`]).
+    pub fn clear(&self) {
+        self.0.cache.clear();
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> u64 {
+        self.0.cache.bytes()
+    }
+}
+
 /// The filesystem. Cheap to build: the image was validated by [`Image::open`].
 pub struct CimgFs {
     inner: Arc<Inner>,
@@ -882,6 +905,11 @@ impl CimgFs {
     /// page cache. Returns false if already set.
     pub fn set_store(&self, tx: Sender<StoreJob>) -> bool {
         self.inner.store.set(tx).is_ok()
+    }
+
+    /// A handle on the block cache, for a server that gives its memory back when idle.
+    pub fn cache_handle(&self) -> CacheHandle {
+        CacheHandle(self.inner.clone())
     }
 
     /// With `record_hot`: where the error of writing the hot list at unmount is left.

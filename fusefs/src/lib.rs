@@ -24,7 +24,7 @@ pub mod exec;
 pub mod fs;
 pub mod warm;
 
-pub use fs::{CimgFs, FsOptions};
+pub use fs::{CacheHandle, CimgFs, FsOptions};
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -102,6 +102,7 @@ pub struct Server {
     own_mount: Option<PathBuf>,
     /// Where the session leaves the error of writing the hot list (`record_hot`).
     hot_failure: Option<fs::HotFailure>,
+    cache: CacheHandle,
 }
 
 /// Unmounts a [`Server`]'s mount point from another thread (e.g. on SIGTERM).
@@ -224,6 +225,7 @@ pub fn mount_file(
         })?;
     let fs = CimgFs::new(img, opts.fs.clone());
     let hot_failure = fs.hot_failure();
+    let cache = fs.cache_handle();
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&image.display().to_string(), opts);
     let mount_err = |err| MountError::Mount {
@@ -248,6 +250,7 @@ pub fn mount_file(
         mountpoint: mountpoint.to_path_buf(),
         own_mount,
         hot_failure,
+        cache,
     })
 }
 
@@ -365,6 +368,7 @@ pub fn attach_fd(
 ) -> Result<Server, MountError> {
     let fs = CimgFs::new(img, opts.fs.clone());
     let hot_failure = fs.hot_failure();
+    let cache = fs.cache_handle();
     let store_rx = store_channel(&fs, opts);
     let cfg = config(&name.display().to_string(), opts);
     let acl = cfg.acl;
@@ -381,6 +385,7 @@ pub fn attach_fd(
         mountpoint: name.to_path_buf(),
         own_mount: None,
         hot_failure,
+        cache,
     })
 }
 
@@ -392,6 +397,11 @@ impl Server {
             Some(p) => Unmounter::Path(p.clone()),
             None => Unmounter::Fuser(self.session.unmount_callable()),
         }
+    }
+
+    /// The filesystem's block cache, reachable while [`Server::run`] serves.
+    pub fn cache(&self) -> CacheHandle {
+        self.cache.clone()
     }
 
     /// Serve until unmounted; then, with `record_hot`, the hot list has been written, and
