@@ -230,6 +230,76 @@ impl<R> std::fmt::Debug for Image<R> {
     }
 }
 
+/// What `ft` is, in words, for "not a regular file (a fifo)".
+fn kind_words(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a fifo"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else {
+        "of an unknown type"
+    }
+}
+
+/// `file` (opened from `path`) is a regular file, or a directory when `dirs`: else an error
+/// naming `path` and what it is. An image, an archive or a file's data is read with `pread`
+/// and read again: a pipe, a device or a socket cannot serve that.
+pub fn check_regular(file: &File, path: &Path, dirs: bool) -> Result<()> {
+    let ft = file.metadata().map_err(|e| Error::io(path, e))?.file_type();
+    if ft.is_file() || (dirs && ft.is_dir()) {
+        return Ok(());
+    }
+    let what = if dirs {
+        "not a regular file or a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::io(
+        path,
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} ({})", kind_words(ft)),
+        ),
+    ))
+}
+
+/// Open `path` for reading without blocking whatever it is: opening a FIFO for reading waits
+/// for a writer, so it is opened `O_NONBLOCK`, and the flag is cleared at once (`fcntl`, on
+/// the descriptor: no path lookup). The caller checks the type ([`check_regular`], or
+/// [`open_regular`] does both); a FIFO, a device or a socket has size 0, which the reader
+/// refuses, and `pread` fails on a FIFO, so even unchecked nothing hangs.
+pub fn open_nonblocking(path: &Path) -> Result<File> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| Error::io(path, e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK)
+        .map_err(|e| Error::io(path, e.into()))?;
+    Ok(file)
+}
+
+/// Open `path` without blocking ([`open_nonblocking`]) and refuse anything but a regular
+/// file (or a directory when `dirs`), naming `path`. The images and pack sources are opened
+/// so, that no tool hangs on a FIFO.
+pub fn open_regular(path: &Path, dirs: bool) -> Result<File> {
+    let file = open_nonblocking(path)?;
+    check_regular(&file, path, dirs)?;
+    Ok(file)
+}
+
 impl Image<File> {
     /// Open and validate the image at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -239,7 +309,7 @@ impl Image<File> {
     /// Open and validate with explicit limits.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path, false)?;
         Image::from_reader(file, path, opts)
     }
 }

@@ -129,7 +129,7 @@ type Stream = Budget<Box<dyn Read + Send>>;
 
 /// Open a layer's tar stream, decompressed, checking digests if `verify`.
 fn open(layer: &Layer, verify: bool) -> Result<(Stream, Arc<AtomicU64>)> {
-    let mut f = std::fs::File::open(&layer.file).map_err(|e| Error::io(&layer.file, e))?;
+    let mut f = crate::reader::open_regular(&layer.file, false)?;
     f.seek(SeekFrom::Start(layer.offset))
         .map_err(|e| Error::io(&layer.file, e))?;
     let raw: Box<dyn Read + Send> = match layer.len {

@@ -269,7 +269,7 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usiz
 /// Byte ranges of `path` that hold data (SEEK_DATA/SEEK_HOLE), for sparse files.
 fn data_ranges(path: &Path, size: u64) -> Result<Vec<(u64, u64)>> {
     use nix::unistd::{Whence, lseek};
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::reader::open_nonblocking(path)?;
     let mut out = Vec::new();
     let mut pos: i64 = 0;
     let size = size as i64;
@@ -593,7 +593,7 @@ where
                             }
                         };
                         if open.as_ref().map(|o| o.0) != Some(file) {
-                            open = Some((file, File::open(src).map_err(|e| Error::io(src, e))?));
+                            open = Some((file, crate::reader::open_nonblocking(src)?));
                         }
                         let f = &open
                             .as_ref()
