@@ -129,3 +129,155 @@ fn a_fifo_inside_a_directory_source_is_packed_not_opened() {
     let ino = img.resolve(b"/pipe").unwrap();
     assert_eq!(img.attr(ino).unwrap().kind, FileKind::Fifo);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Huge sparse files: refused at once beyond the format's limit, packed in time and memory
+// linear in their data (not their size) below it.
+
+const TIB: u64 = 1 << 40;
+/// Where the sparse test files hold data: (offset, bytes).
+const DATA_AT: [(u64, &[u8]); 3] = [
+    (0, b"head"),
+    (TIB / 2 + 12345, b"middle of a terabyte"),
+    (TIB - 4, b"tail"),
+];
+
+/// A tar holding one PAX sparse file (GNU format 0.1) `f` of `size` bytes with `data` at its
+/// offsets.
+fn sparse_tar(size: u64, data: &[(u64, &[u8])]) -> Vec<u8> {
+    let map: Vec<String> = data
+        .iter()
+        .map(|(o, d)| format!("{o},{}", d.len()))
+        .collect();
+    let (size_s, map_s) = (size.to_string(), map.join(","));
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("GNU.sparse.name", b"f".as_slice()),
+        ("GNU.sparse.size", size_s.as_bytes()),
+        ("GNU.sparse.map", map_s.as_bytes()),
+    ])
+    .unwrap();
+    let stored: Vec<u8> = data.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("GNUSparseFile.0/f").unwrap();
+    h.set_size(stored.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &stored[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Peak RSS of the children waited for so far, in bytes.
+fn children_max_rss() -> u64 {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    r.max_rss() as u64 * 1024
+}
+
+/// `img`'s file `/f` is `size` bytes with `data` at its offsets and zeros around them and at
+/// sampled places elsewhere.
+fn check_sparse(img: &Path, size: u64, data: &[(u64, &[u8])]) {
+    let img = Image::open(img).unwrap();
+    let ino = img.resolve(b"/f").unwrap();
+    assert_eq!(img.attr(ino).unwrap().size, size);
+    for &(off, d) in data {
+        let at = off.saturating_sub(8);
+        let mut buf = vec![1u8; (d.len() + 16).min((size - at) as usize)];
+        img.read_at(ino, at, &mut buf).unwrap();
+        let k = (off - at) as usize;
+        assert_eq!(&buf[k..k + d.len()], d, "data at {off}");
+        assert!(buf[..k].iter().chain(&buf[k + d.len()..]).all(|&b| b == 0));
+    }
+    for k in 1..64u64 {
+        let at = size / 64 * k + 77;
+        let mut buf = [1u8; 4096];
+        let n = img.read_at(ino, at, &mut buf).unwrap();
+        let hit = data
+            .iter()
+            .any(|&(o, d)| o < at + n as u64 && o + d.len() as u64 > at);
+        assert!(hit || buf[..n].iter().all(|&b| b == 0), "zeros at {at}");
+    }
+}
+
+/// Pack `src` (tar or directory) with the real `cimg`: it must finish within `limit`, its
+/// peak RSS stay under `rss`, and the file `/f` read back as `DATA_AT` in a terabyte of zeros.
+fn packs_sparse_terabyte(src: &Path, limit: Duration, rss: u64) {
+    let out = src.with_extension("cimg");
+    let t0 = Instant::now();
+    let (status, err) = run(
+        &["pack", src.to_str().unwrap(), out.to_str().unwrap()],
+        limit,
+    );
+    let took = t0.elapsed();
+    let status = status.unwrap_or_else(|| panic!("packing a sparse terabyte took over {limit:?}"));
+    assert!(status.success(), "cimg pack failed: {err}");
+    let peak = children_max_rss();
+    assert!(
+        peak < rss,
+        "packing a sparse terabyte peaked at {} MiB of RSS (cap {} MiB)",
+        peak >> 20,
+        rss >> 20
+    );
+    eprintln!(
+        "sparse terabyte packed in {took:?}, children's peak RSS {} MiB",
+        peak >> 20
+    );
+    assert!(
+        std::fs::metadata(&out).unwrap().len() < 16 << 20,
+        "holes stored as data"
+    );
+    check_sparse(&out, TIB, &DATA_AT);
+}
+
+#[test]
+fn a_sparse_file_larger_than_the_format_holds_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("big.tar");
+    std::fs::write(&tar, sparse_tar(1 << 60, &[(0, b"hello")])).unwrap();
+    assert!(std::fs::metadata(&tar).unwrap().len() < 10 << 10);
+    let out = dir.path().join("big.cimg");
+    let t0 = Instant::now();
+    let (status, err) = run(
+        &["pack", tar.to_str().unwrap(), out.to_str().unwrap()],
+        DEADLINE,
+    );
+    let took = t0.elapsed();
+    let status = status.expect("cimg pack of a 2^60-byte sparse file did not return");
+    assert!(!status.success(), "a 2^60-byte file was packed");
+    assert!(took < Duration::from_secs(1), "refusing took {took:?}");
+    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+    assert!(
+        err.contains("entry f") && err.contains("more than the largest file the format holds"),
+        "unclear message: {err:?}"
+    );
+}
+
+#[test]
+fn a_sparse_terabyte_in_a_tar_packs_in_bounded_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("tb.tar");
+    std::fs::write(&tar, sparse_tar(TIB, &DATA_AT)).unwrap();
+    packs_sparse_terabyte(&tar, Duration::from_secs(10), 512 << 20);
+}
+
+#[test]
+fn a_sparse_terabyte_in_a_directory_packs_in_bounded_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tree");
+    std::fs::create_dir(&src).unwrap();
+    let f = std::fs::File::create(src.join("f")).unwrap();
+    if let Err(e) = f.set_len(TIB) {
+        panic!(
+            "{}: cannot make a 1 TiB sparse file here ({e}): run with TMPDIR on a filesystem \
+             that allows it (ext4, xfs, btrfs, tmpfs)",
+            src.display()
+        );
+    }
+    for (off, d) in DATA_AT {
+        std::os::unix::fs::FileExt::write_all_at(&f, d, off).unwrap();
+    }
+    drop(f);
+    packs_sparse_terabyte(&src, Duration::from_secs(10), 512 << 20);
+}
