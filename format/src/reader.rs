@@ -230,6 +230,76 @@ impl<R> std::fmt::Debug for Image<R> {
     }
 }
 
+/// What `ft` is, in words, for "not a regular file (a fifo)".
+fn kind_words(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a fifo"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_symlink() {
+        "a symlink"
+    } else {
+        "of an unknown type"
+    }
+}
+
+/// `file` (opened from `path`) is a regular file, or a directory when `dirs`: else an error
+/// naming `path` and what it is. An image, an archive or a file's data is read with `pread`
+/// and read again: a pipe, a device or a socket cannot serve that.
+pub fn check_regular(file: &File, path: &Path, dirs: bool) -> Result<()> {
+    let ft = file.metadata().map_err(|e| Error::io(path, e))?.file_type();
+    if ft.is_file() || (dirs && ft.is_dir()) {
+        return Ok(());
+    }
+    let what = if dirs {
+        "not a regular file or a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::io(
+        path,
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} ({})", kind_words(ft)),
+        ),
+    ))
+}
+
+/// Open `path` for reading without blocking whatever it is: opening a FIFO for reading waits
+/// for a writer, so it is opened `O_NONBLOCK`, and the flag is cleared at once (`fcntl`, on
+/// the descriptor: no path lookup). The caller checks the type ([`check_regular`], or
+/// [`open_regular`] does both); a FIFO, a device or a socket has size 0, which the reader
+/// refuses, and `pread` fails on a FIFO, so even unchecked nothing hangs.
+pub fn open_nonblocking(path: &Path) -> Result<File> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| Error::io(path, e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK)
+        .map_err(|e| Error::io(path, e.into()))?;
+    Ok(file)
+}
+
+/// Open `path` without blocking ([`open_nonblocking`]) and refuse anything but a regular
+/// file (or a directory when `dirs`), naming `path`. The images and pack sources are opened
+/// so, that no tool hangs on a FIFO.
+pub fn open_regular(path: &Path, dirs: bool) -> Result<File> {
+    let file = open_nonblocking(path)?;
+    check_regular(&file, path, dirs)?;
+    Ok(file)
+}
+
 impl Image<File> {
     /// Open and validate the image at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -239,7 +309,7 @@ impl Image<File> {
     /// Open and validate with explicit limits.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path, false)?;
         Image::from_reader(file, path, opts)
     }
 }
@@ -412,6 +482,56 @@ fn entry_name<'a>(d: &Dirent, inodes: &[Inode], blob: &'a [u8]) -> Option<&'a [u
     (kind_ok && valid_name(name)).then_some(name)
 }
 
+/// The most decompressed bytes zstd can encode per stored byte: a block regenerates at most
+/// 128 KiB (RFC 8878 §3.1.1.2, Block_Maximum_Size) and takes at least 4 stored bytes (an RLE
+/// block: a 3-byte header and the byte repeated). A larger `meta_raw_len` is a lie, refused
+/// from the lengths alone.
+const MAX_ZSTD_RATIO: u64 = (128 << 10) / 4;
+
+/// The `MetaHeader`: the first bytes of the first frame, decompressed by streaming so that
+/// only they are produced (and the frame's window allocated, at most 2^META_WINDOW_LOG_MAX),
+/// whatever the frame would decompress to.
+fn read_header(stored: &[u8]) -> std::result::Result<MetaHeader, String> {
+    use std::io::Read;
+    let mut dec = zstd::stream::read::Decoder::with_buffer(stored)
+        .and_then(|mut d| {
+            d.window_log_max(META_WINDOW_LOG_MAX)?;
+            Ok(d.single_frame())
+        })
+        .map_err(|e| format!("metadata does not decompress: zstd: {e}"))?;
+    let mut h = [0u8; size_of::<MetaHeader>()];
+    dec.read_exact(&mut h)
+        .map_err(|e| format!("metadata header does not decompress: {e}"))?;
+    MetaHeader::read_from_bytes(&h).map_err(|_| "metadata: short header".to_string())
+}
+
+/// §13 step 15 on the header alone, and its bound: each table lies within `raw_len` and the
+/// last one ends there. The writer puts nothing after the last table, so a longer
+/// `meta_raw_len` only makes a reader decompress and hold bytes nothing uses.
+fn check_tables_end(hdr: &MetaHeader, raw_len: u64) -> Result<()> {
+    let n = raw_len as usize;
+    let end = [
+        table_range(&hdr.inodes, size_of::<Inode>(), n, "inode")?,
+        table_range(&hdr.dirents, size_of::<Dirent>(), n, "dirent")?,
+        table_range(&hdr.chunks, size_of::<Chunk>(), n, "chunk")?,
+        table_range(&hdr.blocks, size_of::<Block>(), n, "block")?,
+        table_range(&hdr.xattrs, size_of::<Xattr>(), n, "xattr")?,
+        table_range(&hdr.blob, 1, n, "blob")?,
+    ]
+    .iter()
+    .map(|r| r.end)
+    .max()
+    .unwrap_or(0)
+    .max(size_of::<MetaHeader>());
+    if end != n {
+        return Err(Error::corrupt(
+            format!("metadata length {raw_len} is past the end of its last table ({end})"),
+            72,
+        ));
+    }
+    Ok(())
+}
+
 /// The stored metadata is corrupt at file offset `at`.
 fn meta_region_err(what: String, at: u64) -> Error {
     Error::corrupt(what, at)
@@ -451,7 +571,8 @@ fn decompress_exact(
 /// back with huge pages, which saves most of the page faults of filling it (`cimg info` of an
 /// image of 100,000 files, 9.5 MiB of metadata, `perf stat -r 20`: 3,200 page faults and
 /// 16.5 ms before, 1,200–1,700 and 14 ms after). A hostile `meta_raw_len` cannot make it big:
-/// it is checked against the reader's metadata limit first.
+/// it is checked against the reader's metadata limit, the stored length and the end of the
+/// header's last table first.
 enum MetaBuf {
     Heap(Vec<u8>),
     Anon(memmap2::MmapMut),
@@ -885,11 +1006,24 @@ impl<R: ReadAt> Image<R> {
         if meta.end - meta.start > opts.max_metadata {
             return Err(Error::corrupt("stored metadata larger than the limit", 64));
         }
-        let mut stored = vec![0u8; (meta.end - meta.start) as usize];
+        let stored_len = meta.end - meta.start;
+        if raw_len > stored_len.saturating_mul(MAX_ZSTD_RATIO) {
+            return Err(Error::corrupt(
+                format!(
+                    "metadata length {raw_len} is more than zstd can encode in {stored_len} stored bytes"
+                ),
+                72,
+            ));
+        }
+        let mut stored = vec![0u8; stored_len as usize];
         src.read_exact_at(&mut stored, meta.start).map_err(io)?;
         if xxh3_64(&stored) != sb.meta_checksum.get() {
             return Err(Error::corrupt("metadata checksum mismatch", meta.start));
         }
+        // The header first, alone: the tables it locates must end exactly at `raw_len`,
+        // so that nothing is decompressed (nor allocated) beyond what they need.
+        let head = read_header(&stored).map_err(|why| meta_region_err(why, meta.start))?;
+        check_tables_end(&head, raw_len)?;
         let (raw, hdr) = match frame_log {
             Some(log) if opts.lazy => {
                 let (f, hdr) = open_frames(stored, raw_len, log, meta.start, opts.threads)?;

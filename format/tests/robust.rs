@@ -8,8 +8,9 @@
 //! - no panic: each case runs under `catch_unwind`; failures name the class and the seed;
 //! - no hang: a watchdog aborts the process, naming the case, if one runs over 10 s;
 //! - bounded allocation: a counting global allocator measures the peak of each case, which
-//!   must stay under [`ALLOC_CAP`] (stored plus decompressed metadata at the 64 MiB
-//!   `max_metadata`, plus slack); a hard limit turns a runaway allocation into an abort;
+//!   must stay under [`alloc_cap`] (a small multiple of the image plus a constant, far below
+//!   the 64 MiB `max_metadata` the bombs decompress to); a hard limit turns a runaway
+//!   allocation into an abort;
 //! - errors are `cimg_format::Error`s whose message is one non-empty line that does not start
 //!   with a capital letter;
 //! - internal consistency of whatever opens: `resolve`, `lookup`, `readdir`, `dir_entry`,
@@ -23,7 +24,8 @@
 //! - (d) `metadata`: the decompressed metadata edited with knowledge of its structure (bit flips,
 //!   boundary values in every record field, overlong lengths, offsets past the end, directory
 //!   cycles, duplicate and unsorted names, bad names, type changes, resized tables, lying
-//!   lengths, corrupt or oversized zstd frames), recompressed, every checksum and the digest
+//!   lengths, corrupt or oversized zstd frames, decompression bombs: the tables then zeros up
+//!   to the limit, with a matching raw length), recompressed, every checksum and the digest
 //!   recomputed, so that validation rather than checksums must catch it;
 //! - (e) `datablock`: stored data blocks altered with their checksums recomputed, so the
 //!   decompressor sees garbage; the image must still open and only those blocks may fail.
@@ -37,6 +39,8 @@
 //! `CIMG_ROBUST_TRACE=1` prints each case before it runs, to find the case behind an abort;
 //! `CIMG_ROBUST_ERRORS=1` lists, per class, the distinct errors met (which checks were reached).
 //! Run with `--nocapture` to see the per-class report.
+
+mod common;
 
 use cap::Cap;
 use cimg_format::layout::{
@@ -67,10 +71,15 @@ static ALLOC: Cap<PeakAlloc> = Cap::new(PeakAlloc, usize::MAX);
 
 /// `max_metadata` used to open every mutated image.
 const MAX_META: u64 = 64 << 20;
-/// Largest allowed peak of one case: the reader may hold the stored and the decompressed
-/// metadata at once (each at most `MAX_META`), plus blocks of a few KiB and the test's own
-/// bookkeeping (bounded by [`READ_BUDGET`]).
-const ALLOC_CAP: usize = 2 * MAX_META as usize + (32 << 20);
+/// Largest allowed peak of one case, for a base image of `len` bytes: a small multiple of the
+/// image (the mutated copies the case makes, the stored and the decompressed metadata, which
+/// the reader decompresses no further than its tables end) plus a constant (a zstd window,
+/// blocks of a few KiB, the test's own bookkeeping), whatever size the mutated superblock
+/// and header declare and however far the stored metadata would decompress (up to
+/// `MAX_META`: the bombs of [`frames`] and [`zeros_after`]).
+fn alloc_cap(len: usize) -> usize {
+    8 * len + (8 << 20)
+}
 /// Above this the allocator refuses, which aborts the process at once.
 const HARD_LIMIT: usize = 1 << 30;
 /// A case running longer than this is a hang.
@@ -1448,6 +1457,13 @@ fn mutate_metadata(base: &Base, rng: &mut Rng) -> Vec<u8> {
             stored.extend(rng.bytes(n));
         }
         6 => stored.truncate(rng.index(stored.len())),
+        // A bomb that really decompresses that far: the tables, then zeros up to a raw
+        // length the limit allows, which the superblock declares.
+        10 | 11 => {
+            let l = raw_len;
+            raw_len = rng.pick(&[l + 1, l + 8, l + 4096, 1 << 20, MAX_META / 2, MAX_META]);
+            stored = zeros_after(base, &raw, raw_len);
+        }
         7 if rng.one_in(3) => {
             // Decompression bombs: more than the limit, or exactly the limit of zeros.
             if rng.one_in(2) {
@@ -1462,6 +1478,24 @@ fn mutate_metadata(base: &Base, rng: &mut Rng) -> Vec<u8> {
     }
     let prefix = &base.bytes[..base.meta_offset()];
     assemble(prefix, base.sb, &stored, raw_len)
+}
+
+/// `raw` then zeros up to `len` bytes, stored the way `base` stores its metadata, as RLE
+/// blocks that cost nothing to build.
+fn zeros_after(base: &Base, raw: &[u8], len: u64) -> Vec<u8> {
+    if base.sb.incompat.get() & layout::INCOMPAT_META_FRAMES == 0 {
+        return common::zstd_rle_frame(raw, len);
+    }
+    let f = 1u64 << base.sb.meta_frame_log;
+    (0..len.div_ceil(f))
+        .flat_map(|k| {
+            let (a, e) = (k * f, ((k + 1) * f).min(len));
+            let real = raw
+                .get(a as usize..(e as usize).min(raw.len()))
+                .unwrap_or(&[]);
+            common::zstd_rle_frame(real, e - a)
+        })
+        .collect()
 }
 
 /// Counts, lengths and offsets of `base` that make good boundary values.
@@ -2185,11 +2219,12 @@ fn run_case(
     if let Some(k) = kind {
         *stats.kinds.entry(k).or_default() += 1;
     }
-    if peak > ALLOC_CAP {
+    let cap = alloc_cap(base.bytes.len());
+    if peak > cap {
         return Err(format!(
-            "{label}: allocated a peak of {} MiB (cap {} MiB)",
-            peak >> 20,
-            ALLOC_CAP >> 20
+            "{label}: allocated a peak of {} KiB (cap {} KiB)",
+            peak >> 10,
+            cap >> 10
         ));
     }
     Ok(())

@@ -832,9 +832,15 @@ fn open_image(path: &Path) -> Result<Source, Error> {
     // One open and the reader's one fstat: on a parallel filesystem every stat or lookup of
     // the path is a metadata operation on the server (the storm benchmark counts them). A
     // directory opens too, and its first read says what it is.
-    let fail =
-        |e: std::io::Error| Error::image(format!("{}: {}", path.display(), enter::io_msg(&e)));
-    let file = fs::File::open(path).map_err(fail)?;
+    // Opened without blocking: a FIFO would block a plain open forever (its type is looked
+    // at only if the reader refuses it, to keep to one fstat).
+    let file = cimg_format::reader::open_nonblocking(path).map_err(|e| match e {
+        cimg_format::Error::Io { err, .. } => {
+            Error::image(format!("{}: {}", path.display(), enter::io_msg(&err)))
+        }
+        e => Error::image(e.to_string()),
+    })?;
+    let probe = file.try_clone().ok();
     // Lazily, as the FUSE driver opens it: the metadata is decompressed and checked as the
     // container uses it (`cimg_format::OpenOptions::lazy`).
     let opts = cimg_format::OpenOptions {
@@ -850,7 +856,10 @@ fn open_image(path: &Path) -> Result<Source, Error> {
         }
         // A directory too small for the reader's first check (tmpfs reports tiny sizes).
         Err(_) if path.is_dir() => Ok(Source::Dir(path.to_path_buf())),
-        Err(e) => Err(Error::image(e.to_string())),
+        Err(e) => match probe.map(|f| cimg_format::reader::check_regular(&f, path, true)) {
+            Some(Err(not_regular)) => Err(Error::image(not_regular.to_string())),
+            _ => Err(Error::image(e.to_string())),
+        },
     }
 }
 

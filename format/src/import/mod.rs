@@ -122,7 +122,7 @@ pub fn detect(src: &Path) -> Result<Kind> {
             Kind::Dir
         });
     }
-    let mut f = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+    let mut f = crate::reader::open_regular(&src, false)?;
     let mut head = [0u8; 512];
     let n = crate::writer::read_full(&mut f, &mut head).map_err(|e| Error::io(&src, e))?;
     if head[..n].starts_with(b"hsqs") {
@@ -161,6 +161,8 @@ pub fn pack(
         }
         Kind::Docker | Kind::Oci => {
             let path = resolve_stdin(src)?;
+            // Refused here, not where the archive is read: a FIFO would block that open.
+            drop(crate::reader::open_regular(&path, kind == Kind::Oci)?);
             let img = if kind == Kind::Docker {
                 oci::docker_image(&path, import)?
             } else {

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 fn open(path: &Path) -> Result<FilesystemReader<'static>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::reader::open_regular(path, false)?;
     FilesystemReader::from_reader(BufReader::new(f)).map_err(|e| {
         Error::Invalid(format!(
             "{}: not a valid SquashFS image: {e}",

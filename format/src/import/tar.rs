@@ -17,9 +17,12 @@
 //! digest mismatch. Symlink targets are kept as they are: they are resolved inside the
 //! container, never here.
 //!
-//! A sparse file's holes reach the writer as zeros (the writer stores zero blocks as holes):
-//! memory stays bounded, but the time is linear in the file's logical size (about 1 GB/s of holes), so a
-//! sparse entry declaring an enormous size is as slow as a decompression bomb of zeros.
+//! A PAX sparse file (formats 0.0, 0.1, 1.0) reaches the writer with its map: the writer
+//! makes the ranges outside it holes without reading them, in time and memory linear in the
+//! map, not the file's size. An old-format GNU sparse entry (type `S`), whose map the tar
+//! crate keeps to itself, reaches it as zeros, which it stores as holes, in time linear in the
+//! logical size. A file larger than the format holds (`writer::max_file_size` at the largest
+//! block size) is refused as its header is read.
 
 use super::{Compression, compression_of};
 use crate::writer::{self, Node, NodeId, PackOptions, PackStats, Progress, Source, Tree};
@@ -129,7 +132,7 @@ type Stream = Budget<Box<dyn Read + Send>>;
 
 /// Open a layer's tar stream, decompressed, checking digests if `verify`.
 fn open(layer: &Layer, verify: bool) -> Result<(Stream, Arc<AtomicU64>)> {
-    let mut f = std::fs::File::open(&layer.file).map_err(|e| Error::io(&layer.file, e))?;
+    let mut f = crate::reader::open_regular(&layer.file, false)?;
     f.seek(SeekFrom::Start(layer.offset))
         .map_err(|e| Error::io(&layer.file, e))?;
     let raw: Box<dyn Read + Send> = match layer.len {
@@ -517,6 +520,7 @@ impl Builder {
                 node.rdev = makedev(ma as u64, mi as u64);
             }
             _ if kind == FileKind::File => {
+                let mut sparse_map = None;
                 node.size = e.size();
                 node.sparse = et == ::tar::EntryType::GNUSparse;
                 if let Some(sp) = sparse {
@@ -534,8 +538,22 @@ impl Builder {
                     check_map(&map, sp.real_size, stored - header)?;
                     node.size = sp.real_size;
                     node.sparse = true;
+                    sparse_map = Some(map);
                 }
-                node.source = Some(Source::Stream);
+                // At once, before its content is skipped over (an old-format sparse entry's
+                // holes are read back as zeros) or anything is written.
+                let most = writer::max_file_size(crate::layout::MAX_BLOCK_LOG);
+                if node.size > most {
+                    return Err(format!(
+                        "{} bytes, more than the largest file the format holds ({most} bytes)",
+                        node.size
+                    ));
+                }
+                // A map's ranges as they are; the writer ignores empty ones.
+                node.source = Some(match sparse_map {
+                    Some(map) => Source::SparseStream(map),
+                    None => Source::Stream,
+                });
                 // Layers are tagged from 1 (0 is the root); providers are keyed from 0.
                 prov = Some((layer - 1, index));
             }
@@ -771,51 +789,6 @@ fn check_map(map: &[(u64, u64)], real_size: u64, data: u64) -> std::result::Resu
     Ok(())
 }
 
-/// Expands a sparse entry's data chunks into the file's content, holes as zeros.
-struct SparseReader<R> {
-    inner: R,
-    map: Vec<(u64, u64)>,
-    idx: usize,
-    pos: u64,
-    size: u64,
-}
-
-impl<R: Read> Read for SparseReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() || self.pos >= self.size {
-            return Ok(0);
-        }
-        while self
-            .map
-            .get(self.idx)
-            .is_some_and(|&(o, l)| self.pos >= o + l)
-        {
-            self.idx += 1;
-        }
-        let (pos, room) = (self.pos, buf.len() as u64);
-        let cap = |to: u64| (to - pos).min(room) as usize;
-        match self.map.get(self.idx) {
-            Some(&(o, l)) if self.pos >= o => {
-                let n = self.inner.read(&mut buf[..cap(o + l)])?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "sparse file data ended early",
-                    ));
-                }
-                self.pos += n as u64;
-                Ok(n)
-            }
-            next => {
-                let n = cap(next.map_or(self.size, |&(o, _)| o));
-                buf[..n].fill(0);
-                self.pos += n as u64;
-                Ok(n)
-            }
-        }
-    }
-}
-
 /// Walk a layer's entries: `f(index, entry)` for each; the error names the layer and entry.
 fn walk(
     layer: &Layer,
@@ -881,19 +854,14 @@ pub fn pack_layers(
                     match sparse_of(e).map_err(|err| bad(&err))? {
                         None => sink(id, e).map_err(|err| bad(&err))?,
                         Some(sp) => {
-                            let stored = e.size();
-                            let map = match sp.map {
-                                Some(m) => m,
-                                None => read_map(e, stored).map_err(|err| bad(&err))?.0,
-                            };
-                            let mut r = SparseReader {
-                                inner: e,
-                                map,
-                                idx: 0,
-                                pos: 0,
-                                size: sp.real_size,
-                            };
-                            sink(id, &mut r).map_err(|err| bad(&err))?;
+                            // Format 1.0: the map (kept in the node at pass 1) heads the data.
+                            if sp.map.is_none() {
+                                let stored = e.size();
+                                read_map(e, stored).map_err(|err| bad(&err))?;
+                            }
+                            // The entry's data is the map's ranges back to back; the writer
+                            // makes the rest holes without reading or counting them.
+                            sink(id, e).map_err(|err| bad(&err))?;
                         }
                     }
                     left -= 1;

@@ -133,23 +133,60 @@ pub fn pack_dir(
 }
 
 /// A chunk while packing: fragment numbers become block indexes when the fragment is written.
+/// `Holes(n)` stands for `n` consecutive hole chunks: a file's list holds one entry per data
+/// chunk and one per run of holes (adjacent runs merged, so equal files have equal lists),
+/// so a sparse file costs memory by its data, not by its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum PChunk {
     Block(u32),
     Frag(u32, u32),
-    Hole,
+    Holes(u32),
+}
+
+/// One file's chunks while packing: the run-length list and the number of chunks it stands for.
+#[derive(Debug, Default)]
+struct FileChunks {
+    list: Vec<PChunk>,
+    count: u64,
+}
+
+impl FileChunks {
+    fn push(&mut self, c: PChunk) {
+        match (self.list.last_mut(), c) {
+            (Some(PChunk::Holes(n)), PChunk::Holes(m)) if n.checked_add(m).is_some() => *n += m,
+            _ => self.list.push(c),
+        }
+        self.count += match c {
+            PChunk::Holes(m) => m as u64,
+            _ => 1,
+        };
+    }
+}
+
+/// The largest regular file the format holds with `2^block_log`-byte blocks: a file has at
+/// most `2^32 - 1` chunks (FORMAT.md §14). The writer refuses larger files before it reads
+/// anything.
+pub fn max_file_size(block_log: u8) -> u64 {
+    (u32::MAX as u64) << block_log
 }
 
 /// Work for stage 1.
 enum Item {
-    /// Chunk `chunk` of data-order file `file`; `len` bytes; `hole` when known to be a hole.
+    /// Chunk `chunk` of data-order file `file`; `len` bytes.
     Piece {
         file: u32,
         chunk: u32,
         len: u32,
-        hole: bool,
         /// The bytes, for a stream-sourced file (read by the worker otherwise).
         data: Option<Vec<u8>>,
+    },
+    /// Chunks `chunk .. chunk + count` of file `file`, `bytes` in all, known to be holes (an
+    /// unallocated range of a sparse source): one item however long the run.
+    Holes {
+        file: u32,
+        chunk: u32,
+        count: u32,
+        bytes: u64,
     },
     /// End of the hot files.
     HotEnd,
@@ -170,10 +207,12 @@ enum Piece {
         hash: u128,
         data: Vec<u8>,
     },
-    Hole {
+    /// `count` hole chunks from `chunk`, `bytes` in all.
+    Holes {
         file: u32,
         chunk: u32,
-        len: u32,
+        count: u32,
+        bytes: u64,
     },
     HotEnd,
 }
@@ -182,8 +221,8 @@ fn piece_out_of_order(st: &SeqState, p: &Piece) -> bool {
     match *p {
         Piece::Full { file, chunk, .. }
         | Piece::Tail { file, chunk, .. }
-        | Piece::Hole { file, chunk, .. } => {
-            st.chunks.get(file as usize).map(|c| c.len()) != Some(chunk as usize)
+        | Piece::Holes { file, chunk, .. } => {
+            st.chunks.get(file as usize).map(|c| c.count) != Some(chunk as u64)
         }
         Piece::HotEnd => false,
     }
@@ -217,7 +256,7 @@ fn compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
 
 /// State kept by the sequencer, read back when the data is written.
 struct SeqState {
-    chunks: Vec<Vec<PChunk>>,
+    chunks: Vec<FileChunks>,
     frag_block: Vec<u32>,
     next_block: u32,
     hot_blocks: u32,
@@ -231,7 +270,12 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usiz
     let mut order = Vec::new();
     let mut missing = 0;
     let primary = |id: NodeId| tree.node(id).link.unwrap_or(id);
-    let streamed = |id: NodeId| matches!(tree.node(id).source, Some(Source::Stream));
+    let streamed = |id: NodeId| {
+        matches!(
+            tree.node(id).source,
+            Some(Source::Stream | Source::SparseStream(_))
+        )
+    };
     for p in hot {
         match tree.find(p).map(primary) {
             Some(id) if tree.node(id).kind == FileKind::File && !streamed(id) => {
@@ -269,7 +313,7 @@ fn data_order(tree: &Tree, hot: &[Vec<u8>], by_type: bool) -> (Vec<NodeId>, usiz
 /// Byte ranges of `path` that hold data (SEEK_DATA/SEEK_HOLE), for sparse files.
 fn data_ranges(path: &Path, size: u64) -> Result<Vec<(u64, u64)>> {
     use nix::unistd::{Whence, lseek};
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::reader::open_nonblocking(path)?;
     let mut out = Vec::new();
     let mut pos: i64 = 0;
     let size = size as i64;
@@ -289,29 +333,66 @@ fn data_ranges(path: &Path, size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Stage-1 item list for one file.
+/// Hole runs and data chunks covering chunks `0 .. nchunks` of a file of `size` bytes whose
+/// data lies in the sorted, disjoint byte ranges `ranges` (SEEK_DATA/SEEK_HOLE, or a tar
+/// sparse map), in chunk order: `each(first, Some((count, bytes)))` for each run of chunks
+/// no range touches, `each(chunk, None)` for each other chunk. O(ranges + data chunks),
+/// whatever the size.
+fn walk_chunks(
+    ranges: &[(u64, u64)],
+    size: u64,
+    bs: u64,
+    mut each: impl FnMut(u64, Option<(u64, u64)>) -> Result<()>,
+) -> Result<()> {
+    let nchunks = size.div_ceil(bs);
+    let mut next = 0u64;
+    for &(a, b) in ranges {
+        let b = b.min(size);
+        if b <= a {
+            continue;
+        }
+        let (first, last) = ((a / bs).max(next), (b - 1) / bs);
+        if first > next {
+            each(next, Some((first - next, first * bs - next * bs)))?;
+        }
+        for k in first..=last {
+            each(k, None)?;
+        }
+        next = next.max(last + 1);
+    }
+    if nchunks > next {
+        each(next, Some((nchunks - next, size - next * bs)))?;
+    }
+    Ok(())
+}
+
+/// Stage-1 item list for one file: one item per chunk that may hold data, one per run of
+/// holes of a sparse file.
 fn file_items(tree: &Tree, order_idx: u32, id: NodeId, bs: u64) -> Result<Vec<Item>> {
     let n = tree.node(id);
-    let nchunks = n.size.div_ceil(bs);
-    let ranges = match (&n.source, n.sparse) {
-        (Some(Source::Path(p)), true) => Some(data_ranges(p, n.size)?),
-        _ => None,
+    let piece = |k: u64| Item::Piece {
+        file: order_idx,
+        chunk: k as u32,
+        len: (n.size - k * bs).min(bs) as u32,
+        data: None,
     };
-    let mut items = Vec::with_capacity(nchunks as usize);
-    for k in 0..nchunks {
-        let start = k * bs;
-        let len = (n.size - start).min(bs);
-        let hole = ranges
-            .as_ref()
-            .is_some_and(|r| !r.iter().any(|&(a, b)| a < start + len && b > start));
-        items.push(Item::Piece {
-            file: order_idx,
-            chunk: k as u32,
-            len: len as u32,
-            hole,
-            data: None,
+    let ranges = match (&n.source, n.sparse) {
+        (Some(Source::Path(p)), true) => data_ranges(p, n.size)?,
+        _ => return Ok((0..n.size.div_ceil(bs)).map(piece).collect()),
+    };
+    let mut items = Vec::new();
+    walk_chunks(&ranges, n.size, bs, |k, holes| {
+        items.push(match holes {
+            Some((count, bytes)) => Item::Holes {
+                file: order_idx,
+                chunk: k as u32,
+                count: count as u32,
+                bytes,
+            },
+            None => piece(k),
         });
-    }
+        Ok(())
+    })?;
     Ok(items)
 }
 
@@ -328,7 +409,8 @@ pub fn pack_tree(
 }
 
 /// Receives the content of one stream-sourced file: `(node, reader)`; the reader must yield
-/// exactly the node's `size` bytes.
+/// exactly the node's `size` bytes ([`Source::Stream`]), or its ranges' bytes
+/// ([`Source::SparseStream`]).
 pub type Sink<'a> = dyn FnMut(NodeId, &mut dyn Read) -> Result<()> + 'a;
 
 /// Like [`pack_tree`], for trees whose regular files may have [`Source::Stream`]: `feed` runs
@@ -373,7 +455,9 @@ where
 }
 
 fn is_streamed(n: &Node) -> bool {
-    n.kind == FileKind::File && n.link.is_none() && matches!(n.source, Some(Source::Stream))
+    n.kind == FileKind::File
+        && n.link.is_none()
+        && matches!(n.source, Some(Source::Stream | Source::SparseStream(_)))
 }
 
 /// Read until `buf` is full or the reader ends; the count read.
@@ -403,6 +487,22 @@ where
 {
     let bs = 1u64 << opts.block_log;
     let threads = opts.threads.max(1);
+    let limit = max_file_size(opts.block_log);
+    if let Some((i, n)) = tree
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.kind == FileKind::File && n.size > limit)
+    {
+        return Err(Error::Invalid(format!(
+            "{}: {} bytes, more than the largest file the format holds with {} KiB blocks \
+             ({limit} bytes: 2^32 - 1 blocks; larger blocks hold up to {} bytes)",
+            String::from_utf8_lossy(&tree.path_of(i as NodeId)),
+            n.size,
+            bs >> 10,
+            max_file_size(layout::MAX_BLOCK_LOG)
+        )));
+    }
     let (mut order, hot_len, hot_missing) = data_order(tree, &opts.hot, opts.order == Order::Type);
     let path_files = order.len();
     let n_stream = tree.nodes.iter().filter(|n| is_streamed(n)).count();
@@ -416,10 +516,8 @@ where
     let fed: Mutex<Vec<NodeId>> = Mutex::new(Vec::with_capacity(n_stream));
     let seen: RwLock<HashMap<u128, u32>> = RwLock::new(HashMap::new());
     let state = Mutex::new(SeqState {
-        chunks: order
-            .iter()
-            .map(|&id| Vec::with_capacity(tree.node(id).size.div_ceil(bs) as usize))
-            .chain((0..n_stream).map(|_| Vec::new()))
+        chunks: (0..order.len() + n_stream)
+            .map(|_| FileChunks::default())
             .collect(),
         frag_block: Vec::new(),
         next_block: 0,
@@ -460,31 +558,67 @@ where
                     fed.lock()
                         .map_err(|_| Error::Invalid("internal: lock".into()))?
                         .push(id);
-                    for k in 0..n.size.div_ceil(bs) {
-                        let len = (n.size - k * bs).min(bs) as usize;
-                        let mut data = vec![0u8; len];
-                        let got = read_full(r, &mut data).map_err(|e| {
-                            Error::Invalid(format!("{}: reading content: {e}", name()))
-                        })?;
-                        if got < len {
-                            return Err(Error::Invalid(format!(
-                                "{}: content ended after {} of {} bytes",
-                                name(),
-                                k * bs + got as u64,
-                                n.size
-                            )));
-                        }
-                        let item = Item::Piece {
-                            file,
-                            chunk: k as u32,
-                            len: len as u32,
-                            hole: false,
-                            data: Some(data),
-                        };
+                    let send = |item: Item| {
                         data_tx
                             .send(Ok(item))
-                            .map_err(|_| Error::Invalid("packing stopped".into()))?;
-                    }
+                            .map_err(|_| Error::Invalid("packing stopped".into()))
+                    };
+                    let short = |at: u64| {
+                        Error::Invalid(format!(
+                            "{}: content ended after {at} of {} bytes",
+                            name(),
+                            n.size
+                        ))
+                    };
+                    let read_err = |e: std::io::Error| {
+                        Error::Invalid(format!("{}: reading content: {e}", name()))
+                    };
+                    // As byte ranges `start .. end`.
+                    let ranges: Vec<(u64, u64)> = match &n.source {
+                        Some(Source::SparseStream(map)) => {
+                            map.iter().map(|&(o, l)| (o, o.saturating_add(l))).collect()
+                        }
+                        _ => vec![(0, n.size)],
+                    };
+                    // With a map the reader yields the ranges' bytes only: `idx` is the range
+                    // being read, `used` how much of it has been.
+                    let (mut idx, mut used) = (0usize, 0u64);
+                    walk_chunks(&ranges, n.size, bs, |k, holes| {
+                        if let Some((count, bytes)) = holes {
+                            return send(Item::Holes {
+                                file,
+                                chunk: k as u32,
+                                count: count as u32,
+                                bytes,
+                            });
+                        }
+                        let (s, e) = (k * bs, ((k + 1) * bs).min(n.size));
+                        let mut data = vec![0u8; (e - s) as usize];
+                        while let Some(&(o, end)) = ranges.get(idx) {
+                            let (a, b) = ((o + used).max(s), end.min(e));
+                            if o >= e {
+                                break;
+                            }
+                            if b > a {
+                                let buf = &mut data[(a - s) as usize..(b - s) as usize];
+                                let got = read_full(r, buf).map_err(read_err)?;
+                                if got < buf.len() {
+                                    return Err(short(a + got as u64));
+                                }
+                                used = b - o;
+                            }
+                            if end > e {
+                                break;
+                            }
+                            (idx, used) = (idx + 1, 0);
+                        }
+                        send(Item::Piece {
+                            file,
+                            chunk: k as u32,
+                            len: (e - s) as u32,
+                            data: Some(data),
+                        })
+                    })?;
                     let mut extra = [0u8; 1];
                     if read_full(r, &mut extra).unwrap_or(0) > 0 {
                         return Err(Error::Invalid(format!(
@@ -537,19 +671,28 @@ where
             let mut ctx = compressor(opts.level);
             let mut open: Option<(u32, File)> = None;
             move |item: Result<Item>| -> Result<Piece> {
-                let (file, chunk, len, hole, given) = match item? {
+                let (file, chunk, len, given) = match item? {
                     Item::HotEnd => return Ok(Piece::HotEnd),
+                    Item::Holes {
+                        file,
+                        chunk,
+                        count,
+                        bytes,
+                    } => {
+                        return Ok(Piece::Holes {
+                            file,
+                            chunk,
+                            count,
+                            bytes,
+                        });
+                    }
                     Item::Piece {
                         file,
                         chunk,
                         len,
-                        hole,
                         data,
-                    } => (file, chunk, len, hole, data),
+                    } => (file, chunk, len, data),
                 };
-                if hole {
-                    return Ok(Piece::Hole { file, chunk, len });
-                }
                 let data = match given {
                     Some(d) => d,
                     None => {
@@ -564,7 +707,7 @@ where
                             }
                         };
                         if open.as_ref().map(|o| o.0) != Some(file) {
-                            open = Some((file, File::open(src).map_err(|e| Error::io(src, e))?));
+                            open = Some((file, crate::reader::open_nonblocking(src)?));
                         }
                         let f = &open
                             .as_ref()
@@ -585,7 +728,12 @@ where
                     }
                 };
                 if data.iter().all(|&b| b == 0) {
-                    return Ok(Piece::Hole { file, chunk, len });
+                    return Ok(Piece::Holes {
+                        file,
+                        chunk,
+                        count: 1,
+                        bytes: len as u64,
+                    });
                 }
                 let hash = content_hash(&data);
                 if (len as u64) < bs {
@@ -664,13 +812,14 @@ where
                         st.error = Some(Error::Invalid("internal: chunks out of order".into()));
                         return None;
                     }
-                    Some(Ok(Piece::Hole {
+                    Some(Ok(Piece::Holes {
                         file,
                         chunk: _,
-                        len,
+                        count,
+                        bytes,
                     })) => {
-                        st.chunks[file as usize].push(PChunk::Hole);
-                        done += len as u64;
+                        st.chunks[file as usize].push(PChunk::Holes(count));
+                        done += bytes;
                     }
                     Some(Ok(Piece::Full {
                         file,
@@ -954,7 +1103,7 @@ fn build_metadata(
         let (block, offset) = match *c {
             PChunk::Block(b) => (b, 0),
             PChunk::Frag(f, off) => (st.frag_block.get(f as usize).copied().unwrap_or(HOLE), off),
-            PChunk::Hole => (HOLE, 0),
+            PChunk::Holes(_) => (HOLE, 0),
         };
         Chunk {
             block: U32::new(block),
@@ -967,16 +1116,22 @@ fn build_metadata(
         match n.kind {
             FileKind::File => {
                 size = n.size;
-                let pcs: &[PChunk] = file_pos
+                let (pcs, n_chunks): (&[PChunk], u64) = file_pos
                     .get(&id)
-                    .map(|&p| st.chunks[p].as_slice())
-                    .unwrap_or(&[]);
-                count = u32::try_from(pcs.len()).map_err(|_| too_many("chunks in one file"))?;
+                    .map(|&p| (st.chunks[p].list.as_slice(), st.chunks[p].count))
+                    .unwrap_or((&[], 0));
+                count = u32::try_from(n_chunks).map_err(|_| too_many("chunks in one file"))?;
                 first = match shared.get(pcs) {
                     Some(&f) => f,
                     None => {
                         let f = chunks.len() as u64;
-                        chunks.extend(pcs.iter().map(resolve));
+                        for c in pcs {
+                            let n = match *c {
+                                PChunk::Holes(n) => n as usize,
+                                _ => 1,
+                            };
+                            chunks.extend(std::iter::repeat_n(resolve(c), n));
+                        }
                         shared.insert(pcs, f);
                         f
                     }

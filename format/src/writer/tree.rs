@@ -22,6 +22,10 @@ pub enum Source {
     /// Pushed, in the order the caller chooses, by the `feed` of
     /// [`pack_tree_with`](super::pack_tree_with); the data is laid out in that order.
     Stream,
+    /// As `Stream`, for a sparse file: the data lies in these sorted, disjoint
+    /// `(offset, length)` ranges within the size, and the stream yields exactly their bytes,
+    /// back to back; the rest of the file is holes, which then cost nothing however large.
+    SparseStream(Vec<(u64, u64)>),
 }
 
 /// One entry of the tree.

@@ -339,3 +339,37 @@ pub fn make_rich_tree(dir: &Path, root: bool) {
         .unwrap();
     }
 }
+
+/// The largest block a zstd frame may hold (RFC 8878 Block_Maximum_Size).
+const ZSTD_BLOCK_MAX: usize = 128 << 10;
+
+/// A zstd frame (no content size, 128 KiB window) holding `prefix` in raw blocks, then zeros
+/// in RLE blocks up to `total` bytes: a decompression bomb that costs nothing to build (four
+/// stored bytes per 128 KiB of zeros, RFC 8878 §3.1.1.2).
+pub fn zstd_rle_frame(prefix: &[u8], total: u64) -> Vec<u8> {
+    let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, 7 << 3];
+    let mut blocks: Vec<(u32, usize)> = Vec::new(); // (type, regenerated size)
+    for piece in prefix.chunks(ZSTD_BLOCK_MAX) {
+        blocks.push((0, piece.len()));
+    }
+    let mut zeros = total - prefix.len() as u64;
+    while zeros > 0 {
+        let n = zeros.min(ZSTD_BLOCK_MAX as u64) as usize;
+        blocks.push((1, n));
+        zeros -= n as u64;
+    }
+    if blocks.is_empty() {
+        blocks.push((0, 0));
+    }
+    let last = blocks.len() - 1;
+    let mut pieces = prefix.chunks(ZSTD_BLOCK_MAX);
+    for (k, &(ty, n)) in blocks.iter().enumerate() {
+        let h = (n as u32) << 3 | ty << 1 | u32::from(k == last);
+        out.extend_from_slice(&h.to_le_bytes()[..3]);
+        match ty {
+            0 => out.extend_from_slice(pieces.next().unwrap_or(&[])),
+            _ => out.push(0),
+        }
+    }
+    out
+}

@@ -97,16 +97,20 @@ fn foreground(a: &Args) -> anyhow::Result<()> {
     // Resolved now: once mounted, resolving DIR would ask the server, which does not serve yet.
     let resolved = std::fs::canonicalize(&a.dir);
     let mut server = if a.image_on_stdin {
-        let file = std::io::stdin()
+        let file: std::fs::File = std::io::stdin()
             .as_fd()
             .try_clone_to_owned()
-            .context("the image on standard input")?;
+            .context("the image on standard input")?
+            .into();
+        cimg_format::reader::check_regular(&file, &a.image, false)?;
         // Standard input is the image no more: /dev/null, as for any background server.
         let null = std::fs::File::open("/dev/null").context("/dev/null")?;
         nix::unistd::dup2_stdin(&null).context("standard input")?;
-        cimg_fuse::mount_file(file.into(), &a.image, &a.dir, &options(a))?
+        cimg_fuse::mount_file(file, &a.image, &a.dir, &options(a))?
     } else {
-        cimg_fuse::mount(&a.image, &a.dir, &options(a))?
+        // Not `cimg_fuse::mount`'s plain open, which would wait forever on a FIFO.
+        let file = cimg_format::reader::open_regular(&a.image, false)?;
+        cimg_fuse::mount_file(file, &a.image, &a.dir, &options(a))?
     };
     if a.read_ahead_kb > 0 && nix::unistd::geteuid().is_root() {
         // Before serving, so that it is in place when the mount answers. Best effort.
@@ -175,11 +179,11 @@ fn background(a: &Args) -> anyhow::Result<()> {
     }
     // The child's start overlaps the first read of the image's metadata (cold: 2–3 ms for
     // 0.9 MiB here, more on a parallel filesystem); the child gets this open file as its
-    // standard input instead of opening the image again. It reports any error.
-    let opened = std::fs::File::open(&image).ok();
-    if let Some(f) = &opened {
-        let _ = cimg_format::advise_metadata(f);
-    }
+    // standard input instead of opening the image again. It reports any error in the image;
+    // what does not open, or is not a regular file (a FIFO would block a plain open), is
+    // refused here.
+    let opened = cimg_format::reader::open_regular(&image, false)?;
+    let _ = cimg_format::advise_metadata(&opened);
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg(&image)
@@ -205,13 +209,8 @@ fn background(a: &Args) -> anyhow::Result<()> {
         Some(f) => Stdio::from(cimg_format::output::open_log(f)?),
         None => Stdio::piped(),
     };
-    let stdin = match opened {
-        Some(f) => {
-            cmd.arg("--image-on-stdin");
-            Stdio::from(f)
-        }
-        None => Stdio::null(),
-    };
+    cmd.arg("--image-on-stdin");
+    let stdin = Stdio::from(opened);
     // The child says on its stdout when DIR is mounted; its end of file before that means
     // it failed (its stderr says why).
     cmd.stdin(stdin)
