@@ -85,7 +85,7 @@ fn clone_tree(dir: impl AsFd, path: &Path) -> Result<OwnedFd, Errno> {
 }
 
 /// move_mount(2) of the detached tree `tree` onto the file or directory `target` refers to.
-fn attach_tree(tree: &impl AsFd, target: &impl AsFd) -> Result<(), Errno> {
+pub fn attach_tree(tree: &impl AsFd, target: &impl AsFd) -> Result<(), Errno> {
     use rustix::mount::MoveMountFlags as F;
     rustix::mount::move_mount(
         tree,
@@ -214,15 +214,18 @@ pub fn open_dev_fuse() -> Result<OwnedFd, Error> {
         .map_err(|e| Error::fuse(errno_msg("cannot open /dev/fuse", e)))
 }
 
-/// Mount the FUSE filesystem served on `fuse` at `dir`, read-only, nosuid, nodev.
+/// Mount the FUSE filesystem served on `fuse` at `dir`, read-only, nosuid, nodev. With
+/// `allow_other`, any process of this user namespace (and those below it) may use it;
+/// without, the kernel lets only processes with the mounting uid and gid (as host ids) use
+/// it, in whatever user namespace: a shared server's containers each have their own.
 pub fn mount_fuse(
     image: &Path,
     fuse: &OwnedFd,
     dir: &Path,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
+    allow_other: bool,
 ) -> Result<(), Error> {
-    let data = cimg_fuse::kernel_mount_data(fuse.as_raw_fd(), uid, gid, true);
+    let data = cimg_fuse::kernel_mount_data(fuse.as_raw_fd(), uid, gid, allow_other);
     mount(
         Some(image.as_os_str()),
         dir,

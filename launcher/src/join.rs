@@ -36,6 +36,7 @@ use nix::unistd::{Uid, read, write};
 
 use crate::error::{Error, errno_msg};
 use crate::plan::Plan;
+use crate::rendezvous::{self, same_user};
 
 /// How a launch relates to others.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,32 +173,9 @@ fn tag_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<String, Error> {
     ))
 }
 
-/// How many rendezvous names a group tries before it gives up on joining: a name held by
-/// another user (names are predictable, and listed in `/proc/net/unix`) moves the group to
-/// the next one, so squatting them all takes this many sockets held for as long as the
-/// victim's jobs run, and then only costs the victim its sharing, never its jobs.
-const NAMES: u32 = 8;
-
-/// How long a name that refuses connections but cannot be bound (bound by a socket that does
-/// not listen) may stay so before it counts as held by someone else: a creating peer is in
-/// that state only between its bind and its listen.
-const SQUAT_WAIT: Duration = Duration::from_millis(500);
-
-/// The abstract socket name `k` (0-based) of a group of host user `uid`. The uid is the
-/// caller's on the host, read before any user namespace is made (inside one, with `-u`, the
-/// caller's uid is another).
+/// Name `k` of the group `tag` of host user `uid` ([`crate::rendezvous`]).
 fn address(uid: Uid, tag: &str, k: u32) -> Result<UnixAddr, Error> {
-    let tag = if tag.len() > 64 {
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(tag.as_bytes()))
-    } else {
-        tag.to_string()
-    };
-    let name = match k {
-        0 => format!("cimg-join/{uid}/{tag}"),
-        k => format!("cimg-join/{uid}/{tag}#{k}"),
-    };
-    UnixAddr::new_abstract(name.as_bytes())
-        .map_err(|e| Error::other(errno_msg("join socket name", e)))
+    crate::rendezvous::address(uid, "join", tag, k)
 }
 
 /// What the rendezvous made of this launch.
@@ -286,7 +264,7 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
                 }
                 Err(Errno::EADDRINUSE) => {
                     let since = *refused_since.get_or_insert_with(Instant::now);
-                    squatted = since.elapsed() > SQUAT_WAIT;
+                    squatted = since.elapsed() > rendezvous::SQUAT_WAIT;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(e) => return Err(sock_err("bind", e)),
@@ -294,7 +272,7 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
         }
         if squatted {
             k += 1;
-            if k == NAMES {
+            if k == rendezvous::NAMES {
                 return Ok(Role::Alone(format!(
                     "join {tag}: the group's socket names are held by another user; \
                      running in a container of its own"
@@ -311,16 +289,6 @@ fn request(kind: char, count: u32, image: &Path) -> Vec<u8> {
     m.extend_from_slice(image.as_os_str().as_bytes());
     m.push(b'\n');
     m
-}
-
-/// Whether the process at the other end of `fd` belongs to this process's user on the host.
-/// `SO_PEERCRED` is read in this process's user namespace: inside one, every other host user
-/// reads as the overflow uid, which may be the uid this process has there (`-u 65534`); so
-/// the peer must also be one this process may signal, which the kernel decides on host ids
-/// ([`crate::sys::may_signal`], on the peer's pidfd: no pid reuse).
-fn same_user(fd: &impl AsFd) -> bool {
-    getsockopt(fd, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == Uid::current().as_raw())
-        && getsockopt(fd, sockopt::PeerPidfd).is_ok_and(|p| crate::sys::may_signal(&p))
 }
 
 /// Ask the server to join: `Some((pidfd, config))`, or `None` if the connection closed first.

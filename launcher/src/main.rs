@@ -5,8 +5,11 @@
 //! - [`plan`]: the command line → a plan (pure, unit-tested), exit codes, environment rules.
 //! - [`enter`]: namespaces, mounts, binds, pivot_root, exec.
 //! - [`supervise`]: the process tree (supervisor, FUSE server, app), signals, exit status.
+//! - [`service`]: the image service, one shared FUSE server per image, user and node.
+//! - [`protocol`]: the typed messages between a launch and its image's server.
+//! - [`rendezvous`]: the abstract socket names launches meet at, and whom they trust.
 //! - [`join`]: peers of one group share one container.
-//! - [`sys`]: the only module with `unsafe` (fork).
+//! - [`sys`]: the only module with `unsafe` (fork, and the calls no crate wraps).
 //! - [`error`]: the one error type, carrying its exit code.
 
 // The entry point is `sys::main`: the C `main` without Rust's runtime set-up, which reads
@@ -20,6 +23,9 @@ mod enter;
 mod error;
 mod join;
 mod plan;
+mod protocol;
+mod rendezvous;
+mod service;
 mod supervise;
 mod sys;
 

@@ -34,9 +34,14 @@ pub mod exit {
 
 const AFTER_HELP: &str = "\
 Runs CMD in an unprivileged container (user + mount namespaces) whose root is IMAGE: a .cimg
-file (served by the built-in FUSE driver) or a directory (bound). /dev, /proc, /sys, the host's
-/tmp (or $TMPDIR), /etc/hosts, /etc/resolv.conf and /etc/machine-id are bound in; /etc/passwd
-and /etc/group name the user. The image is read-only unless -W is given.
+file (served by the built-in FUSE driver) or a directory (bound). Launches of one .cimg by one
+user on one node share one FUSE server and mount (the image service), each in a container of its
+own; the server stays --linger (default 5m) after its last container, keeping the image file
+open: `launch --stop IMAGE` (e.g. in a job epilog) or `--stop-all` ends it; `--servers` lists
+them. --private mounts the image for this container alone. /dev, /proc, /sys, the host's
+/tmp (or $TMPDIR), /etc/hosts, /etc/resolv.conf and /etc/machine-id are bound in (/sys,
+/proc/sys, /proc/sysrq-trigger, /proc/irq and /proc/bus read-only); /etc/passwd and /etc/group
+name the user. The image is read-only unless -W is given.
 
 Environment: the host's, then --set-env and --unset-env in command-line order, then
 CIMG_RUNNING=1 and CIMG_IMAGE=IMAGE. --set-env takes NAME=VALUE, a file of NAME=VALUE lines
@@ -148,13 +153,52 @@ struct Cli {
     #[arg(long = "join-pid", value_name = "PID")]
     join_pid: Option<i32>,
 
+    /// A mount of the image of its own, ended with the container, instead of a container on
+    /// the image's shared server.
+    #[arg(long)]
+    private: bool,
+
+    /// How long the image's shared server stays after its last container: seconds, or a
+    /// duration such as 30s, 5m, 1h (default: $CIMG_LINGER, else 5m).
+    #[arg(long, value_name = "DURATION")]
+    linger: Option<String>,
+
+    /// List this user's image servers on this node (pid, image, containers, idle time).
+    #[arg(long, conflicts_with_all = ["stop", "stop_all"])]
+    servers: bool,
+
+    /// With --servers: as JSON.
+    #[arg(long, requires = "servers")]
+    json: bool,
+
+    /// End the image servers of IMAGE (their running containers end with status 125).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "stop_all")]
+    stop: Option<PathBuf>,
+
+    /// End every image server of this user on this node.
+    #[arg(long = "stop-all")]
+    stop_all: bool,
+
     /// The image: a .cimg file or a directory.
-    #[arg(value_name = "IMAGE")]
-    image: PathBuf,
+    #[arg(value_name = "IMAGE", required_unless_present_any = ["servers", "stop", "stop_all"])]
+    image: Option<PathBuf>,
 
     /// The command and its arguments.
-    #[arg(value_name = "CMD", last = true, required = true, num_args = 1..)]
+    #[arg(value_name = "CMD", last = true, num_args = 1..,
+          required_unless_present_any = ["servers", "stop", "stop_all"])]
     cmd: Vec<OsString>,
+}
+
+/// What the command line asks for besides running a command: the user's image servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Manage {
+    /// `--servers` (`--json`).
+    List {
+        /// As JSON.
+        json: bool,
+    },
+    /// `--stop IMAGE`, or `--stop-all` (`None`).
+    Stop(Option<PathBuf>),
 }
 
 /// A host path bound into the container.
@@ -220,6 +264,12 @@ pub struct Plan {
     pub join_tag: Option<String>,
     /// `--join-pid`.
     pub join_pid: Option<i32>,
+    /// `--private`.
+    pub private: bool,
+    /// `--linger`.
+    pub linger: Option<std::time::Duration>,
+    /// `--servers`, `--stop`, `--stop-all`: no command is run.
+    pub manage: Option<Manage>,
     /// The command and its arguments.
     pub cmd: Vec<OsString>,
 }
@@ -279,11 +329,26 @@ fn build(cli: Cli, ops: Vec<(usize, Result<EnvOp, Error>)>) -> Result<Plan, Erro
             cd.display()
         )));
     }
-    if cli.cmd.first().is_none_or(|c| c.is_empty()) {
+    let manage = if cli.servers {
+        Some(Manage::List { json: cli.json })
+    } else if cli.stop_all {
+        Some(Manage::Stop(None))
+    } else {
+        cli.stop.clone().map(|p| Manage::Stop(Some(p)))
+    };
+    if manage.is_none() && cli.cmd.first().is_none_or(|c| c.is_empty()) {
         return Err(Error::usage("missing command after --".into()));
     }
+    let linger = match cli.linger.as_deref() {
+        None => None,
+        Some(s) => Some(crate::service::parse_duration(s).ok_or_else(|| {
+            Error::usage(format!(
+                "--linger {s:?}: not a duration (e.g. 300, 30s, 5m, 1h)"
+            ))
+        })?),
+    };
     Ok(Plan {
-        image: cli.image,
+        image: cli.image.unwrap_or_default(),
         binds,
         cd: cli.cd,
         env_ops,
@@ -302,6 +367,9 @@ fn build(cli: Cli, ops: Vec<(usize, Result<EnvOp, Error>)>) -> Result<Plan, Erro
         join_ct: cli.join_ct,
         join_tag: cli.join_tag,
         join_pid: cli.join_pid,
+        private: cli.private,
+        linger,
+        manage,
         cmd: cli.cmd,
     })
 }

@@ -1,5 +1,12 @@
 //! The process tree of one container and its supervision.
 //!
+//! On the image's shared server ([`crate::service`], the default), launch gets a detached
+//! copy of the server's mount, attaches it as the root of the container it builds in its
+//! own namespaces, and watches its connection to the server: the server's end ends the
+//! container (status 125). Processes that outlive the command keep the container alive
+//! through a keeper (`cimg-keeper`, see [`leave_keeper`]). With `--private` (or
+//! `--record-hot`), launch starts a FUSE server of its own, as follows.
+//!
 //! ```text
 //! launch (supervisor)   user ns U, mount ns B: builds the root on a staging tmpfs over /tmp,
 //!  │                    then pivot_root's into it (the host's root is detached)
@@ -35,7 +42,7 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -50,6 +57,7 @@ use crate::enter::{self, HostPath, Make, Root, STAGE};
 use crate::error::{Error, errno_msg};
 use crate::join::{self, JoinMode, Role};
 use crate::plan::{self, Env, EnvOp, ImageConfig, Plan};
+use crate::service;
 use crate::sys::{Forked, fork};
 
 const FORWARDED: [Signal; 8] = [
@@ -67,6 +75,8 @@ const FORWARDED: [Signal; 8] = [
 enum Source {
     Cimg(Box<cimg_format::Image>),
     Dir(PathBuf),
+    /// A container on the image's shared server ([`service`]).
+    Shared(Box<service::Attached>),
 }
 
 /// Say what is done when `-v` was given.
@@ -117,6 +127,9 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
         level: plan.verbosity,
         t0: Instant::now(),
     };
+    if let Some(m) = &plan.manage {
+        return manage(m, &log);
+    }
     match join::mode(&plan, &|k| std::env::var(k).ok())? {
         JoinMode::Alone => create(plan, None, log),
         JoinMode::Pid(pid) => {
@@ -176,6 +189,47 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             )))
         }
     }
+}
+
+/// `--servers`, `--stop IMAGE`, `--stop-all`: the user's image servers on this node.
+fn manage(m: &plan::Manage, log: &Log) -> Result<i32, Error> {
+    let servers = service::servers();
+    match m {
+        plan::Manage::List { json: true } => {
+            let list: Vec<_> = servers.iter().map(|(st, _)| st).collect();
+            let text = serde_json::to_string_pretty(&list)
+                .map_err(|e| Error::other(format!("--json: {e}")))?;
+            println!("{text}");
+        }
+        plan::Manage::List { json: false } => {
+            for (st, _) in &servers {
+                println!("{}", service::status_line(st));
+            }
+        }
+        plan::Manage::Stop(which) => {
+            // The servers name their image as the first launch did, made absolute; compare
+            // resolved paths where both still resolve.
+            let resolve = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let want = which
+                .as_deref()
+                .map(|p| resolve(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())));
+            for (st, conn) in &servers {
+                if want.as_ref().is_some_and(|w| *w != resolve(&st.image)) {
+                    continue;
+                }
+                if service::stop(st, conn) {
+                    log.v(|| format!("stopped {}", service::status_line(st)));
+                } else {
+                    return Err(Error::other(format!(
+                        "the image server {} ({}) did not stop",
+                        st.pid,
+                        st.image.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(0)
 }
 
 /// What a peer entering an existing container takes from the host before it enters.
@@ -279,9 +333,13 @@ fn build_env(
 
 /// Build a new container and run the command in it (the first peer of a group, or alone).
 fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
-    let source = open_image(&plan.image)?;
+    let source = match shared_mount(&plan, &log)? {
+        Some(a) => Source::Shared(Box::new(a)),
+        None => open_image(&plan.image)?,
+    };
     let config = match &source {
         Source::Cimg(img) => img.config().map(ImageConfig::parse),
+        Source::Shared(a) => a.config.as_deref().map(ImageConfig::parse),
         Source::Dir(_) => None,
     };
     let image_env = config
@@ -361,6 +419,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // The FUSE mount's root (O_PATH), to ask whether the connection is still alive.
     let mut fuse_root: Option<OwnedFd> = None;
     let mut image = None;
+    let mut shared: Option<Box<service::Attached>> = None;
     match source {
         Source::Cimg(img) => {
             let fuse = enter::open_dev_fuse()?;
@@ -415,6 +474,14 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             }
             image = Some(HostPath::open(&d, "image")?)
         }
+        Source::Shared(a) => {
+            // The group's peers are answered by the image's server, from a copy of the
+            // listening socket; the name stays bound while it holds it.
+            if let Some(g) = &group {
+                service::serve_group(&a.conn, &g.listener, g.count, &g.image)?;
+            }
+            shared = Some(a);
+        }
     }
     // The listener now belongs to the server (its copy); the group's name stays bound.
     let group = group.map(|g| (g.tag, g.addr, g.count, g.image));
@@ -432,7 +499,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             root_dir.clone()
         };
         if let (Some((srv, ready_r, go_w)), Some(fuse)) = (&mut server, fuse_fd.take()) {
-            enter::mount_fuse(&plan.image, &fuse, &lower, in_uid, in_gid)?;
+            enter::mount_fuse(&plan.image, &fuse, &lower, (in_uid, in_gid), true)?;
             fuse_root = nix::fcntl::open(
                 &lower,
                 OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -451,6 +518,24 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             srv.wait_byte(ready_r)?;
             drop(fuse);
             log.v(|| "FUSE server answered".into());
+        }
+        if let Some(a) = &shared {
+            let what = "the image's shared mount";
+            let t = nix::fcntl::open(
+                &lower,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| Error::setup(errno_msg(what, e)))?;
+            enter::attach_tree(&a.tree, &t)
+                .map_err(|e| Error::setup(errno_msg(format!("cannot attach {what}"), e)))?;
+            fuse_root = nix::fcntl::open(
+                &lower,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ok();
+            log.v(|| "the image's shared mount attached".into());
         }
         if let Some(dir) = &image {
             let t = Root::open(&lower, false)?
@@ -615,10 +700,18 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     // From here on, a failure is checked against the server's state: one caused by its
     // death is reported as that death. Dropping the guard on the way out kills it (before
     // its pipes close, which it would take for launch's failure and say so).
+    let shared_conn = shared.as_ref().map(|a| &a.conn);
     let fail = |server: &mut Option<(StartingServer, OwnedFd, OwnedFd)>,
                 fuse_root: &Option<OwnedFd>,
                 e: Error| match server {
         Some((s, ..)) => s.judge(e, fuse_root.as_ref()),
+        // A shared server's death shows as the mount's broken connection, or its socket's
+        // end.
+        None if shared_conn.is_some_and(|c| join::closed_within(c.as_fd(), Duration::ZERO))
+            || fuse_root.as_ref().is_some_and(connection_gone) =>
+        {
+            Error::other("the image's server ended while the container was being set up".into())
+        }
         None => e,
     };
     let built = match built {
@@ -646,14 +739,31 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         }
         None => None,
     };
+    // On a shared server, processes the command leaves behind come to launch (it is their
+    // subreaper), so that it can tell they outlive the command ([`leave_keeper`]).
+    if shared.is_some() {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
     // The app.
     let app = match fork_app(&built.cwd, &built.env, &plan.cmd, me, &old_mask) {
         Ok(app) => app,
         Err(e) => return Err(fail(&mut server, &fuse_root, e)),
     };
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    let server = server.map(|(s, ..)| (s.serving(), fuse_root));
-    supervise(&sfd, app, server, conn.as_ref(), &log)
+    let mut conns: Vec<(&OwnedFd, &'static str)> = Vec::new();
+    if let Some(a) = &shared {
+        conns.push((&a.conn, "the image's FUSE server"));
+    }
+    if let Some(c) = &conn {
+        conns.push((c, "the group's FUSE server"));
+    }
+    let watch = Watch {
+        server: server.map(|(s, ..)| s.serving()),
+        keep: shared.is_some(),
+        fuse_root,
+        conns,
+    };
+    supervise(&sfd, app, watch, &log)
 }
 
 /// Run the command in a container that exists: a group's (through a peer inside) or a
@@ -752,7 +862,16 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
     };
     let app = fork_app(&cwd, &env, &plan.cmd, Pid::this(), &old_mask)?;
     log.v(|| format!("exec'd {}", plan.cmd[0].to_string_lossy()));
-    supervise(&sfd, app, None, conn.as_ref(), &log)
+    let watch = Watch {
+        server: None,
+        fuse_root: None,
+        conns: conn
+            .iter()
+            .map(|c| (c, "the group's FUSE server"))
+            .collect(),
+        keep: false,
+    };
+    supervise(&sfd, app, watch, &log)
 }
 
 /// Fork the app and wait until it has exec'd the command (or failed to: its error).
@@ -825,6 +944,59 @@ fn exec_hint(
         candidates,
         cwd,
         library_path,
+    }
+}
+
+/// A container on the image's shared server, unless `--private` (or an option that shapes
+/// one container's server, `--record-hot`) says otherwise or the image is not a file: then
+/// `None`, and the launch mounts the image itself. One `stat` of the image when its server
+/// is live ([`service`]).
+fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Error> {
+    if plan.private || plan.record_hot.is_some() {
+        return Ok(None);
+    }
+    let meta = match fs::metadata(&plan.image) {
+        Ok(m) if m.is_file() => m,
+        _ => return Ok(None), // a directory, or an error the private path reports
+    };
+    let linger = match (plan.linger, std::env::var("CIMG_LINGER")) {
+        (Some(l), _) => l,
+        (None, Ok(v)) => service::parse_duration(&v).ok_or_else(|| {
+            Error::usage(format!(
+                "CIMG_LINGER={v:?}: not a duration (e.g. 300, 30s, 5m, 1h)"
+            ))
+        })?,
+        (None, Err(_)) => service::DEFAULT_LINGER,
+    };
+    let key = service::Key::new(
+        &meta,
+        enter::inside_ids(plan),
+        plan.read_ahead,
+        plan.cache_size,
+    );
+    let host_cwd = std::env::current_dir().ok();
+    let h = exec_hint(plan, None, None, host_cwd.as_deref());
+    let start = service::Start {
+        image: std::path::absolute(&plan.image).unwrap_or_else(|_| plan.image.clone()),
+        read_ahead: plan.read_ahead,
+        cache_size: plan.cache_size,
+        hint: crate::protocol::Hint {
+            candidates: h.candidates,
+            cwd: h.cwd,
+            library_path: h.library_path,
+        },
+    };
+    match service::attach(&key, &start, linger)? {
+        service::Outcome::Shared(a) => {
+            log.v(|| format!("on the shared server of {}", plan.image.display()));
+            Ok(Some(a))
+        }
+        service::Outcome::Private(why) => {
+            if let Some(w) = why {
+                log.warn(|| w);
+            }
+            Ok(None)
+        }
     }
 }
 
@@ -1151,47 +1323,54 @@ fn app_main(cwd: &Path, exec: &enter::Exec, report: &OwnedFd, parent: Pid, mask:
     err.code()
 }
 
-/// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N. `conn` is
-/// the connection to a group's server: its end of file means the server died.
-fn supervise(
-    sfd: &SignalFd,
-    app: Pid,
-    server: Option<(Pid, Option<OwnedFd>)>,
-    conn: Option<&OwnedFd>,
-    log: &Log,
-) -> Result<i32, Error> {
-    let (server, fuse_root) = match server {
-        Some((pid, root)) => (Some(pid), root),
-        None => (None, None),
-    };
+/// What the supervisor watches besides the app: the FUSE server it started (a private
+/// mount), the mount's root (to ask whether its connection is alive), and connections whose
+/// end means the image's server died (a shared server's, a join group's).
+struct Watch<'a> {
+    server: Option<Pid>,
+    fuse_root: Option<OwnedFd>,
+    conns: Vec<(&'a OwnedFd, &'static str)>,
+    /// The first connection stands for the container on a shared server: while processes
+    /// of the container outlive the command, a keeper must hold it.
+    keep: bool,
+}
+
+/// Wait for the app, forwarding signals; the app's exit code, 128+N for signal N.
+fn supervise(sfd: &SignalFd, app: Pid, watch: Watch<'_>, log: &Log) -> Result<i32, Error> {
+    let Watch {
+        server,
+        fuse_root,
+        mut conns,
+        keep,
+    } = watch;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let pgrp = getpgrp();
     let mut server_died: Option<String> = None;
-    let mut conn = conn;
+    let ended = |what: &str| format!("{what} ended; the container was killed");
     loop {
         let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-        if let Some(c) = conn {
+        for (c, _) in &conns {
             fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(Error::other(errno_msg("poll", e))),
         }
-        let conn_ready = fds
-            .get(1)
-            .is_some_and(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        let ready: Vec<bool> = fds[1..]
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
         drop(fds);
-        if conn_ready
-            && let Some(c) = conn
-            && join::closed(c.as_fd())
-        {
-            conn = None;
-            if server_died.is_none() {
-                server_died =
-                    Some("the group's FUSE server ended; the container was killed".into());
+        let mut i = 0;
+        conns.retain(|(c, what)| {
+            let keep = !(ready[i] && join::closed(c.as_fd()));
+            i += 1;
+            if !keep && server_died.is_none() {
+                server_died = Some(ended(what));
                 kill_container(app);
             }
-        }
+            keep
+        });
         let si = match sfd.read_signal() {
             Ok(Some(si)) => si,
             Ok(None) | Err(Errno::EINTR) | Err(Errno::EAGAIN) => continue,
@@ -1224,9 +1403,7 @@ fn supervise(
                 app_status = Some(code);
             }
             if Some(pid) == server {
-                server_died = Some(format!(
-                    "the FUSE server ended ({how}); the container was killed"
-                ));
+                server_died = Some(ended(&format!("the FUSE server ({how})")));
                 kill_container(app);
             }
         }
@@ -1248,21 +1425,22 @@ fn supervise(
                 && let Some(pid) = server
                 && let Some(how) = exited_within(pid, wait)
             {
-                server_died = Some(format!(
-                    "the FUSE server ended ({how}); the container was killed"
-                ));
+                server_died = Some(ended(&format!("the FUSE server ({how})")));
                 kill_container(app);
             }
             if server_died.is_none()
-                && let Some(c) = conn
-                && join::closed_within(c.as_fd(), wait)
+                && let Some((_, what)) = conns
+                    .iter()
+                    .find(|(c, _)| join::closed_within(c.as_fd(), wait))
             {
-                server_died =
-                    Some("the group's FUSE server ended; the container was killed".into());
+                server_died = Some(ended(what));
             }
             if server_died.is_none() && gone {
                 server_died = Some("the FUSE connection is gone; the container was killed".into());
                 kill_container(app);
+            }
+            if server_died.is_none() && keep {
+                leave_keeper(&conns[..conns.len().min(1)], log);
             }
             return match server_died {
                 Some(why) => Err(Error::other(why)),
@@ -1270,6 +1448,79 @@ fn supervise(
             };
         }
     }
+}
+
+/// The command has ended but processes it started live on (daemons, reparented to launch,
+/// their subreaper): leave behind a keeper, a process of the container that holds the
+/// connection standing for it (the shared server counts the container alive while it is
+/// open) until no other process is left in the container, or kills them if the server dies
+/// first. Launch itself exits with the command's status at once, as without a keeper.
+/// (Not the join group's connection: a group whose peers have all ended is over, and the
+/// next launch with its tag makes a new container.)
+fn leave_keeper(conns: &[(&OwnedFd, &'static str)], log: &Log) {
+    if !matches!(
+        waitpid(None, Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::StillAlive)
+    ) {
+        return;
+    }
+    log.v(|| "processes outlive the command: a keeper holds the container".into());
+    if let Ok(Forked::Child) = fork() {
+        let _ = setsid();
+        let _ = nix::sys::prctl::set_name(c"cimg-keeper");
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        if let Ok(null) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        keeper_main(conns)
+    }
+}
+
+/// The keeper's loop: every second, or when a connection closes.
+fn keeper_main(conns: &[(&OwnedFd, &'static str)]) -> ! {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        let mut fds: Vec<PollFd> = conns
+            .iter()
+            .map(|(c, _)| PollFd::new(c.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let _ = poll(&mut fds, PollTimeout::from(1000u16));
+        let closed = fds.iter().zip(conns).any(|(f, (c, _))| {
+            f.revents().is_some_and(|r| !r.is_empty()) && join::closed(c.as_fd())
+        });
+        drop(fds);
+        let others = others_in_this_container();
+        if closed {
+            for pid in others {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            std::process::exit(0);
+        }
+        if others.is_empty() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// The other processes in this process's mount namespace (the container's).
+fn others_in_this_container() -> Vec<Pid> {
+    let (Ok(me), Ok(dir)) = (fs::read_link("/proc/self/ns/mnt"), fs::read_dir("/proc")) else {
+        return Vec::new();
+    };
+    let own = std::process::id();
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            (pid != own && fs::read_link(e.path().join("ns/mnt")).is_ok_and(|ns| ns == me))
+                .then(|| Pid::from_raw(pid as i32))
+        })
+        .collect()
 }
 
 /// Whether the FUSE connection of the mount whose root is `root` is gone: a statfs reaches

@@ -52,72 +52,73 @@ fn a_container_run_by_root_cannot_write_host_kernel_settings() {
     assert_eq!(ok(&o), "Linux\n");
 }
 
-/// The pid of the FUSE server of the `launch` process `launch`: its child in a session of
-/// its own.
-fn server_of(launch: u32) -> Option<u32> {
-    for e in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let f: Vec<&str> = stat.rsplit(") ").next()?.split(' ').collect();
-        if f.get(1) == Some(&launch.to_string().as_str())
-            && f.get(3) == Some(&pid.to_string().as_str())
-        {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 /// Killing the FUSE server at any moment of a launch's start ends the launch with the
 /// documented status of a dead server, 125, or (killed too late to matter) the command's
 /// own 0: never the status of whichever set-up step met the dead mount first (122 for the
-/// mount, 123 for a bind, 126/127 for the exec of the command through it).
+/// mount, 123 for a bind, 126/127 for the exec of the command through it). For a private
+/// mount's server and for the image's shared server alike.
 #[test]
 fn killing_the_server_during_start_up_gives_125() {
     if !capable() {
         return;
     }
-    let mut seen = std::collections::BTreeMap::new();
-    for round in 0..40u64 {
-        let mut child = Command::new(LAUNCH)
-            .args([&img(), "--", "sh", "-c", "cat /srv/work/marker"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Kill it as soon as it shows, after a delay that walks through the start-up.
-        let delay = Duration::from_micros(round % 10 * 700);
-        let t = Instant::now();
-        let mut server = None;
-        while server.is_none() && t.elapsed() < Duration::from_secs(5) {
-            server = server_of(child.id());
-            if server.is_none() && child.try_wait().unwrap().is_some() {
-                break;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let image = dir.path().join("kill-start.cimg");
+    fs::copy(&fixture().image, &image).unwrap();
+    let image = image.display().to_string();
+    for private in [true, false] {
+        let mut seen = std::collections::BTreeMap::new();
+        for round in 0..40u64 {
+            let mut args = vec![image.as_str(), "--", "sh", "-c", "cat /srv/work/marker"];
+            if private {
+                args.insert(0, "--private");
             }
-        }
-        std::thread::sleep(delay);
-        if let Some(s) = server {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(s as i32),
-                nix::sys::signal::Signal::SIGKILL,
+            let mut child = launch_cmd()
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Kill the server as soon as it shows, after a delay that walks through the
+            // start-up. It is the process other than launch that names the image.
+            let delay = Duration::from_micros(round % 10 * 700);
+            let t = Instant::now();
+            let mut server = None;
+            while server.is_none() && t.elapsed() < Duration::from_secs(5) {
+                server = processes_with(&image)
+                    .iter()
+                    .filter_map(|l| l.split(':').next()?.parse::<u32>().ok())
+                    .find(|&p| p != child.id());
+                if server.is_none() && child.try_wait().unwrap().is_some() {
+                    break;
+                }
+            }
+            std::thread::sleep(delay);
+            if let Some(s) = server {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(s as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let o = child.wait_with_output().unwrap();
+            let c = code(&o);
+            assert!(
+                c == 0 || c == 125,
+                "private {private}, round {round}: exit {c}, stderr: {}",
+                err(&o)
             );
+            *seen.entry(c).or_insert(0) += 1;
+            wait_until("no process of the image", || {
+                processes_with(&image).is_empty()
+            });
         }
-        let o = child.wait_with_output().unwrap();
-        let c = code(&o);
+        // The kills landed inside the start-up at least once (else the test proved nothing).
         assert!(
-            c == 0 || c == 125,
-            "round {round}: exit {c}, stderr: {}",
-            err(&o)
+            seen.get(&125).is_some_and(|&n| n > 0),
+            "private {private}: {seen:?}"
         );
-        *seen.entry(c).or_insert(0) += 1;
     }
-    // The kills landed inside the start-up at least once (otherwise the test proved nothing).
-    assert!(seen.get(&125).is_some_and(|&n| n > 0), "{seen:?}");
 }
 
 /// A copy of the fixture's root filesystem, as a directory image, with `extra` added.

@@ -19,7 +19,7 @@ fn private_image(tag: &str) -> String {
 }
 
 fn peer(args: &[&str], script: &str) -> Child {
-    Command::new(LAUNCH)
+    launch_cmd()
         .args(args)
         .args(["--", "sh", "-c", script])
         .stdin(Stdio::null())
@@ -349,7 +349,7 @@ fn bad_counts_and_tags() {
     }
     let img = fixture().image.display().to_string();
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let mut c = Command::new(LAUNCH);
+        let mut c = launch_cmd();
         for (k, v) in env {
             c.env(k, v);
         }
@@ -414,7 +414,7 @@ fn bad_counts_and_tags() {
     assert!(err(&o).contains("--private-tmp ignored"), "{}", err(&o));
     assert!(first.wait_with_output().unwrap().status.success());
     // A directory image cannot be shared.
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .args(["--join-ct", "2", "--join-tag", "d"])
         .arg(&fixture().rootfs)
         .args(["--", "true"])
@@ -432,7 +432,7 @@ fn slurm_environment_joins_automatically() {
     let job = std::process::id().to_string();
     let children: Vec<Child> = (0..3)
         .map(|node_rank| {
-            Command::new(LAUNCH)
+            launch_cmd()
                 .env("SLURM_JOB_ID", &job)
                 .env("SLURM_STEP_ID", "7")
                 .env("SLURM_STEP_TASKS_PER_NODE", "3")
@@ -473,7 +473,7 @@ fn join_pid_enters_a_running_container() {
     let (mut pid, mut ns) = (String::new(), String::new());
     std::io::BufRead::read_line(&mut r, &mut pid).unwrap();
     std::io::BufRead::read_line(&mut r, &mut ns).unwrap();
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .args([
             "--join-pid",
             pid.trim(),
@@ -488,7 +488,7 @@ fn join_pid_enters_a_running_container() {
     assert_eq!(code(&o), 4, "{}", err(&o));
     assert_eq!(out(&o), format!("{ns}in the image\n"));
     // Not a container.
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .args([
             "--join-pid",
             &std::process::id().to_string(),

@@ -233,7 +233,7 @@ fn killing_the_server_during_its_read_ahead_never_hangs() {
     fs::write(&src, "x").unwrap();
     let bind = format!("{}:/not/in/image", src.display());
     for i in 0..30 {
-        let mut child = Command::new(LAUNCH)
+        let mut child = launch_cmd()
             .args(["-b", &bind, &img(), "--", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -369,7 +369,7 @@ fn working_directory() {
     assert_eq!(code(&o), 123);
     assert!(err(&o).contains("--cd /nope"), "{}", err(&o));
     // The host's current directory when the container has it, else /.
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .args([&img(), "--", "pwd"])
         .current_dir("/srv")
         .output()
@@ -380,7 +380,7 @@ fn working_directory() {
         "/\n"
     };
     assert_eq!(ok(&o), expect);
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .args([&img(), "--", "pwd"])
         .current_dir(&fixture().work)
         .output()
@@ -400,7 +400,7 @@ fn environment_in_command_line_order() {
         "# vars\nFROM_FILE='$literal'\nEXPANDED=${HOSTVAR}-x\n\nQUOTED=\"a b\"\n",
     )
     .unwrap();
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .env("HOSTVAR", "h")
         .env("DROP_ME_1", "1")
         .env("DROP_ME_2", "2")
@@ -509,7 +509,7 @@ fn home_option() {
     let f = fixture();
     let home = tempfile::tempdir_in(&f.work).unwrap();
     fs::write(home.path().join("dotfile"), "mine").unwrap();
-    let o = Command::new(LAUNCH)
+    let o = launch_cmd()
         .env("HOME", home.path())
         .env("USER", "root")
         .args([
@@ -738,7 +738,7 @@ fn sleeping_container(tag: &str) -> (std::process::Child, u32, u32, String) {
 /// (launch, the app's pid, the server's pid, the image copy).
 fn running_container(tag: &str, script: &str) -> (std::process::Child, u32, u32, String) {
     let (_, i) = private_image(tag);
-    let mut child = Command::new(LAUNCH)
+    let mut child = launch_cmd()
         .args([&i, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()

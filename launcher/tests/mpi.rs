@@ -89,6 +89,7 @@ done
             "--",
             "/srv/mpi_hello",
         ])
+        .env("CIMG_LINGER", "0")
         .current_dir(work.path())
         .output()
         .unwrap();

@@ -43,6 +43,7 @@ fn srun_across_four_nodes_makes_one_container_per_node() {
         .arg(LAUNCH)
         .arg(&f.image)
         .arg(work.path().join("cluster"))
+        .env("CIMG_LINGER", "0")
         .current_dir(work.path())
         .output()
         .unwrap();

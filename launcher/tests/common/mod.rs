@@ -153,9 +153,18 @@ pub fn make_rootfs(root: &Path) {
     .unwrap();
 }
 
+/// The launch binary as a command, its image servers set to end with their last container
+/// (`CIMG_LINGER=0`): a test's leftovers are then only what the launcher leaves. Tests of
+/// the lingering itself set their own.
+pub fn launch_cmd() -> Command {
+    let mut c = Command::new(LAUNCH);
+    c.env("CIMG_LINGER", "0");
+    c
+}
+
 /// Run launch with `args` as root, stdin closed; its output.
 pub fn launch(args: &[&str]) -> Output {
-    Command::new(LAUNCH)
+    launch_cmd()
         .args(args)
         .stdin(Stdio::null())
         .current_dir("/")
@@ -198,7 +207,7 @@ pub fn as_user(script: &str) -> Output {
 [ -e '{node}' ] || mknod '{node}' c 10 229
 chmod 666 '{node}'; mount --bind '{node}' /dev/fuse
 cd /
-exec setpriv --reuid 65534 --regid 65534 --clear-groups env LAUNCH='{launch}' sh -c "$0"
+exec setpriv --reuid 65534 --regid 65534 --clear-groups env LAUNCH='{launch}' CIMG_LINGER=0 sh -c "$0"
 "#,
         node = node.display(),
         launch = LAUNCH,
@@ -251,11 +260,17 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// The number of distinct mount namespaces (of the processes we can see) that hold a cimg
-/// FUSE mount of `image`.
+/// FUSE mount of `image`: the containers on it. An image server's own namespace (the holder
+/// of a shared mount, where `cimg-server` and its `cimg-warm` run) is not a container and
+/// is not counted; that nothing is left once it has gone, `processes_with` tells.
 pub fn mounts_of(image: &Path) -> usize {
     let mut namespaces = std::collections::BTreeSet::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
         if e.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if matches!(comm.trim(), "cimg-server" | "cimg-warm") {
             continue;
         }
         let (Ok(m), Ok(ns)) = (
