@@ -79,6 +79,9 @@ const READ_QUEUE: usize = 1024;
 const SEQ_MAX: usize = 4096;
 const SEQ_SHARDS: usize = 16;
 
+/// Default size of the decompressed-block cache: 256 MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+
 /// How the filesystem behaves.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -120,7 +123,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            cache_size: crate::DEFAULT_CACHE_SIZE,
+            cache_size: DEFAULT_CACHE_SIZE,
             workers: 4,
             zero_open: true,
             prefetch_hot: true,
