@@ -22,6 +22,7 @@
 pub mod cache;
 pub mod exec;
 pub mod fs;
+mod hot;
 mod mount;
 pub mod warm;
 
