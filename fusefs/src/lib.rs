@@ -24,6 +24,7 @@ pub mod exec;
 pub mod fs;
 mod hot;
 mod mount;
+mod push;
 pub mod warm;
 
 pub use fs::{CacheHandle, CimgFs, DEFAULT_CACHE_SIZE, FsOptions};
