@@ -47,23 +47,20 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::hot::HotFailure;
 use crate::hot::HotRecorder;
+pub use crate::prefetch::{PREFETCH_BLOCKS, cpu_busy};
+use crate::prefetch::{PREFETCH_QUEUE, RECENT, SEQ_SHARDS, prefetch_exec, prefetch_hot};
 pub use crate::push::{StoreJob, store_loop};
 use crate::push::{Tail, Tails};
 
 /// TTL of entries and attributes: the image is immutable. (Not `Duration::MAX`: the kernel
 /// converts the seconds to a signed count.)
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Blocks queued ahead of a sequential reader (2 MiB at 128 KiB blocks: enough to keep the
-/// workers decompressing while the kernel asks for the next 128 KiB; fuse-bench measured 4
-/// and 16 within noise of each other on a 1 GiB file, 16 slightly ahead).
-pub const PREFETCH_BLOCKS: usize = 16;
 
 /// Bad blocks logged (one line each) before the log falls silent, and how many of them get
 /// the paths of their files (a walk of the whole tree each).
@@ -74,15 +71,8 @@ const MAX_BAD_NAMED: usize = 16;
 /// a mount as an ordinary user (who cannot raise it) keeps that window.
 const READ_MIN: u32 = 128 << 10;
 
-/// Queue length of the prefetch workers; prefetches beyond it are dropped.
-const PREFETCH_QUEUE: usize = 256;
-
 /// Queue length of reads waiting for a worker; event loops wait when it is full.
 const READ_QUEUE: usize = 1024;
-
-/// Inodes remembered per shard for sequential-read detection before the shard is cleared.
-const SEQ_MAX: usize = 4096;
-const SEQ_SHARDS: usize = 16;
 
 /// Default size of the decompressed-block cache: 256 MiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
@@ -189,9 +179,6 @@ pub(crate) struct Inner {
     pub(crate) tails: Tails,
 }
 
-/// Slots of [`Inner::recent`].
-const RECENT: usize = 16;
-
 impl Inner {
     /// Read, verify and decompress block `idx` into a page-aligned buffer.
     fn load(&self, idx: u32) -> cimg_format::Result<Block> {
@@ -207,7 +194,7 @@ impl Inner {
 
     /// Block `idx` from its stored bytes, already read (the hot-list prefetch reads many
     /// blocks at once): verified, then decompressed like [`Inner::load`].
-    fn load_from(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
+    pub(crate) fn load_from(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
         self.img.check_stored(idx, stored)?;
         self.decode(idx, stored)
     }
@@ -223,40 +210,10 @@ impl Inner {
         Ok(block)
     }
 
-    /// Image-order read-ahead: files read in the order they are laid out (a tree read in
-    /// directory order, small files sharing blocks) read the image's blocks in index order
-    /// without any one file being read sequentially. When block `idx` is read and block
-    /// `idx - 1` or `idx - 2` was read just before, the next [`PREFETCH_BLOCKS`] blocks go to
-    /// the prefetch queue: on a miss of `idx`, and on every eighth block when it hits (the
-    /// window moves along without checking it on every read). Random reads cost two atomic
-    /// loads and a store.
-    fn read_ahead(&self, idx: u32, miss: bool) {
-        let slot = |b: u32| &self.recent[b as usize % RECENT];
-        let follows = [1, 2].iter().any(|&d| {
-            idx.checked_sub(d)
-                .is_some_and(|p| slot(p).load(Ordering::Relaxed) == p)
-        });
-        slot(idx).store(idx, Ordering::Relaxed);
-        if !follows || !(miss || idx.is_multiple_of(8)) {
-            return;
-        }
-        let Some(tx) = self.prefetch.get() else {
-            return;
-        };
-        let end = idx
-            .saturating_add(PREFETCH_BLOCKS as u32)
-            .min(self.img.block_count().saturating_sub(1));
-        for b in idx.saturating_add(1)..=end {
-            if !self.cache.contains(b) && tx.try_send(b).is_err() {
-                return;
-            }
-        }
-    }
-
     /// Block `idx` through the cache; a bad block is logged once, naming `ino` if known.
     /// When this call loaded it, the registered tails in it are pushed (but `ino`'s: its
     /// reader is answered from the block).
-    fn block(&self, idx: u32, ino: Option<u32>) -> cimg_format::Result<Arc<Block>> {
+    pub(crate) fn block(&self, idx: u32, ino: Option<u32>) -> cimg_format::Result<Arc<Block>> {
         let mut loaded = false;
         let data = self
             .cache
@@ -338,7 +295,13 @@ impl Inner {
     }
 
     /// Read `size` bytes of `ino` at `offset` and hand them to `out` (one call).
-    fn read(&self, ino: u32, offset: u64, size: u32, out: impl FnOnce(&[u8])) -> FResult<()> {
+    pub(crate) fn read(
+        &self,
+        ino: u32,
+        offset: u64,
+        size: u32,
+        out: impl FnOnce(&[u8]),
+    ) -> FResult<()> {
         let Some(ext) = self.img.extent_at(ino, offset)? else {
             out(&[]);
             return Ok(());
@@ -401,7 +364,7 @@ impl Inner {
 }
 
 /// A read request, answered where its blocks are (an event loop or a worker).
-struct ReadJob {
+pub(crate) struct ReadJob {
     ino: u32,
     offset: u64,
     size: u32,
@@ -420,67 +383,6 @@ impl ReadJob {
             r.error(e.errno());
         }
     }
-}
-
-/// Decompress ahead, on the workers, the blocks of the files a start of `hint`'s program
-/// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The parts the search
-/// looks inside are read here through the cache ([`Inner::read`]: a block a worker or a
-/// reader is already loading is waited for, not loaded twice).
-fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, budget: u64) {
-    let mut left = budget;
-    crate::exec::exec_files(
-        &inner.img,
-        hint,
-        |ino, _, ranges| {
-            let Ok(extents) = inner.img.extents(ino) else {
-                return;
-            };
-            let mut last = None;
-            for e in extents {
-                let (start, end) = (e.file_offset, e.file_offset + u64::from(e.len));
-                let Some(b) = e.block else { continue };
-                if last == Some(b) || !ranges.iter().any(|r| r.start < end && start < r.end) {
-                    continue;
-                }
-                last = Some(b);
-                let charge = u64::from(inner.blksize);
-                if inner.cache.contains(b) {
-                    continue;
-                }
-                if charge > left {
-                    return;
-                }
-                left -= charge;
-                // Blocking: the workers take reads first; a full queue waits for them.
-                if tx.send(b).is_err() {
-                    return;
-                }
-            }
-        },
-        |ino, _, range| {
-            let mut bytes = None;
-            let len = u32::try_from(range.end - range.start).ok()?;
-            inner
-                .read(ino, range.start, len, |d| bytes = Some(d.to_vec()))
-                .ok()?;
-            bytes
-        },
-    );
-}
-
-/// Whether more tasks are runnable than twice the cores plus two (`/proc/loadavg`'s running
-/// count; a single start on 2 cores sees 3 to 6): decompressing ahead pays only with a core
-/// to spare. With 64 containers started at once without `--join`, each server prefetching
-/// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
-pub fn cpu_busy() -> bool {
-    let cores = crate::cores();
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| {
-            let running = l.split_whitespace().nth(3)?.split('/').next()?;
-            running.parse::<usize>().ok()
-        })
-        .is_some_and(|r| r > 2 * cores + 2)
 }
 
 /// A worker: answers read jobs first, then the background process's reads
@@ -555,21 +457,21 @@ impl CacheHandle {
 
 /// The filesystem. Cheap to build: the image was validated by [`Image::open`].
 pub struct CimgFs {
-    inner: Arc<Inner>,
-    opts: FsOptions,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) opts: FsOptions,
     /// Prefetch queue; `None` without workers. Dropping it stops the workers.
-    tx: Option<Sender<u32>>,
-    rx: Option<Receiver<u32>>,
+    pub(crate) tx: Option<Sender<u32>>,
+    pub(crate) rx: Option<Receiver<u32>>,
     /// Reads whose blocks must be loaded, answered by the workers; `None` without workers.
-    jobs: Option<Sender<ReadJob>>,
-    jobs_rx: Option<Receiver<ReadJob>>,
+    pub(crate) jobs: Option<Sender<ReadJob>>,
+    pub(crate) jobs_rx: Option<Receiver<ReadJob>>,
     /// The same for the reads of [`FsOptions::background_pid`], taken after the others.
-    background: Option<Sender<ReadJob>>,
-    background_rx: Option<Receiver<ReadJob>>,
+    pub(crate) background: Option<Sender<ReadJob>>,
+    pub(crate) background_rx: Option<Receiver<ReadJob>>,
     /// Per inode: where the last read ended (sequential-read detection).
-    seq: Box<[Mutex<HashMap<u32, u64>>]>,
+    pub(crate) seq: Box<[Mutex<HashMap<u32, u64>>]>,
     /// First-read order of files, with `--record-hot`.
-    hot: Option<HotRecorder>,
+    pub(crate) hot: Option<HotRecorder>,
 }
 
 impl std::fmt::Debug for CimgFs {
@@ -771,35 +673,6 @@ impl CimgFs {
         Ok(())
     }
 
-    /// Record a read of `ino` at `offset..end`; whether it continues the previous one.
-    fn sequential(&self, ino: u32, offset: u64, end: u64) -> bool {
-        let mut m = self.seq[ino as usize % SEQ_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if m.len() >= SEQ_MAX {
-            m.clear();
-        }
-        m.insert(ino, end) == Some(offset)
-    }
-
-    /// Queue the blocks after `from` in `ino` that are not cached yet.
-    fn prefetch_after(&self, ino: u32, from: u64) {
-        let Some(tx) = &self.tx else { return };
-        let mut pos = from;
-        for _ in 0..PREFETCH_BLOCKS {
-            let Ok(Some(ext)) = self.inner.img.extent_at(ino, pos) else {
-                return;
-            };
-            if let Some(b) = ext.block
-                && !self.inner.cache.contains(b)
-                && tx.try_send(b).is_err()
-            {
-                return;
-            }
-            pos = ext.file_offset + ext.len as u64;
-        }
-    }
-
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FResult<Option<FileAttr>> {
         let img = &self.inner.img;
         match img.lookup(ino(parent)?, name.as_bytes())? {
@@ -933,78 +806,6 @@ fn xattr_answer(v: Vec<u8>, size: u32) -> FResult<XattrAnswer> {
 
 const fn libc_o_trunc() -> i32 {
     0o1000
-}
-
-/// Read the hot blocks' stored range in 4 MiB pieces and decompress each piece's blocks from
-/// the bytes read (verified like any other), up to half the cache, on this thread in the
-/// idle scheduling class: it uses the CPU the container leaves idle (while launch sets up,
-/// while the application waits on I/O) instead of competing with it; a read of a block it is
-/// still decompressing does not wait for it ([`BlockCache::prefetch`]). It yields after each
-/// block: the kernel (6.18 in a 2-vCPU VM, measured with `perf sched timehist`) let a woken
-/// task wait up to 3 ms behind it (`perf stat -r 30 launch img-hot.cimg -- /bin/true`: 21.6 ms,
-/// 12.7 without the prefetch, 15.5 yielding; launch-bench before/after: 23.6 → 14.6 ms).
-fn prefetch_hot(inner: &Inner, hot: u64) {
-    const CHUNK: u64 = 4 << 20;
-    // Best effort: without it the prefetch runs at the normal priority.
-    let _ = thread_priority::set_thread_priority_and_policy(
-        thread_priority::thread_native_id(),
-        thread_priority::ThreadPriority::Min,
-        thread_priority::ThreadSchedulePolicy::Normal(
-            thread_priority::NormalThreadSchedulePolicy::Idle,
-        ),
-    );
-    let budget = inner.cache.capacity() / 2;
-    let n = u32::try_from(hot)
-        .unwrap_or(u32::MAX)
-        .min(inner.img.block_count());
-    let mut buf = Vec::new();
-    let mut raw_total = 0u64;
-    let mut idx = 0u32;
-    while idx < n {
-        let Ok((start, _, _)) = inner.img.block_info(idx) else {
-            return;
-        };
-        let mut end = start;
-        let first = idx;
-        while idx < n {
-            let Ok((off, stored, raw)) = inner.img.block_info(idx) else {
-                return;
-            };
-            if off != end || (idx > first && off + stored as u64 - start > CHUNK) {
-                break;
-            }
-            if raw_total + raw as u64 > budget {
-                break;
-            }
-            raw_total += raw as u64;
-            end = off + stored as u64;
-            idx += 1;
-        }
-        if idx == first {
-            return; // budget reached or a non-contiguous table: stop quietly
-        }
-        buf.resize((end - start) as usize, 0);
-        if inner.img.read_raw(start, &mut buf).is_err() {
-            return;
-        }
-        for b in first..idx {
-            let Ok((off, stored, _)) = inner.img.block_info(b) else {
-                return;
-            };
-            let at = (off - start) as usize;
-            let Some(bytes) = buf.get(at..at + stored as usize) else {
-                return;
-            };
-            // Errors are reported to the reader that needs the block (it reads it again).
-            // A block this loaded pushes its registered tails, as a read's load does.
-            if let Ok(true) = inner.cache.prefetch(b, || inner.load_from(b, bytes))
-                && let Some(data) = inner.cache.get(b)
-            {
-                inner.push_tails(b, &data, None);
-            }
-            std::thread::yield_now();
-        }
-    }
 }
 
 impl Filesystem for CimgFs {

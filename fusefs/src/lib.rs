@@ -24,6 +24,7 @@ pub mod exec;
 pub mod fs;
 mod hot;
 mod mount;
+mod prefetch;
 mod push;
 pub mod warm;
 
