@@ -26,6 +26,7 @@ mod hot;
 mod mount;
 mod prefetch;
 mod push;
+mod read;
 pub mod warm;
 
 pub use fs::{CacheHandle, CimgFs, DEFAULT_CACHE_SIZE, FsOptions};
