@@ -256,8 +256,8 @@ pub fn exec_files(
 /// The byte ranges of an ELF file of `size` bytes (whose first bytes are `head`) that its
 /// loading reads: the head; the first loadable segment (headers, hash, dynamic symbols and
 /// strings, relocations; not code with `ld -z separate-code`, the default, and at most
-/// [`SEGMENT_CAP`] where it is); the writable segments and the dynamic section. Sorted and merged; just the head if `head` is
-/// not an ELF file whose program headers it holds.
+/// `SEGMENT_CAP` where it is); the writable segments and the dynamic section. Sorted and
+/// merged; just the head if `head` is not an ELF file whose program headers it holds.
 pub fn loader_ranges(head: &[u8], size: u64) -> Vec<Range<u64>> {
     use goblin::elf::program_header::{PF_W, PT_DYNAMIC, PT_LOAD, ProgramHeader};
     let mut out: Vec<Range<u64>> =

@@ -87,7 +87,7 @@ impl Tails {
 /// FUSE_NOTIFY_STORE: the rest of the block for the file that asked for part of it, as the
 /// kernel's own squashfs fills the page cache with a whole block on the first read of any
 /// page of it (later small reads of that block, random 4 KiB reads say, are then answered by
-/// the kernel without a FUSE round trip), and the other files' tails in it ([`Tails`]).
+/// the kernel without a FUSE round trip), and the other files' tails in it (`Tails`).
 /// Sent to a thread of its own: a store can wait on a page that an in-flight read holds
 /// locked, and must never hold up the threads that answer reads.
 pub struct StoreJob {
