@@ -116,7 +116,7 @@ impl Default for FsOptions {
     }
 }
 
-/// Why an operation failed: an image error (mapped by [`Error::errno`]) or a plain errno.
+/// Why an operation failed: an image error (mapped by [`errno_of`]) or a plain errno.
 #[derive(Debug)]
 pub enum Fail {
     /// From the image reader.
@@ -135,9 +135,23 @@ impl Fail {
     /// The one errno mapping of the filesystem.
     pub fn errno(&self) -> Errno {
         match self {
-            Fail::Image(e) => Errno::from_i32(e.errno()),
+            Fail::Image(e) => errno_of(e),
             Fail::Errno(e) => *e,
         }
+    }
+}
+
+/// The errno answered for an image error: the system's own for an I/O error (EIO if it gave
+/// none), ENOENT for a missing path, ENOTDIR or EINVAL for the wrong file type, EIO for
+/// everything else (a corrupt image or block, an unsupported feature). The reader knows
+/// nothing of errnos: this mapping is the filesystem's.
+pub fn errno_of(e: &Error) -> Errno {
+    match e {
+        Error::Io { err, .. } => err.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        Error::NotFound(_) => Errno::ENOENT,
+        Error::WrongType { what, .. } if what.contains("directory") => Errno::ENOTDIR,
+        Error::WrongType { .. } => Errno::EINVAL,
+        _ => Errno::EIO,
     }
 }
 
@@ -1045,6 +1059,31 @@ mod tests {
         assert!(fs.cache().bytes() <= 64 << 10);
         // Reading a directory is an error, not a panic.
         assert!(fs.inner.read(1, 0, 10, |_| {}).is_err());
+    }
+
+    #[test]
+    fn image_errors_map_to_errnos() {
+        let io = |err| Error::Io {
+            path: "x".into(),
+            err,
+        };
+        let wrong = |what| Error::WrongType { ino: 2, what };
+        for (e, want) in [
+            (io(io::Error::from_raw_os_error(13)), Errno::from_i32(13)),
+            (io(io::Error::other("no errno")), Errno::EIO),
+            (Error::NotFound("a/b".into()), Errno::ENOENT),
+            (wrong("not a directory"), Errno::ENOTDIR),
+            (wrong("not a symlink"), Errno::EINVAL),
+            (
+                Error::Corrupt {
+                    what: "x".into(),
+                    offset: 0,
+                },
+                Errno::EIO,
+            ),
+        ] {
+            assert_eq!(Fail::from(e).errno(), want);
+        }
     }
 
     #[test]
