@@ -298,6 +298,7 @@ fn wait_for_line(out: ChildStdout, timeout: Duration) -> std::io::Result<Option<
 }
 
 fn main() -> ExitCode {
+    cimg_fuse::set_log_prefix("cimg-mount");
     let args = Args::parse();
     let r = if args.foreground {
         foreground(&args)
