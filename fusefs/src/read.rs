@@ -238,6 +238,8 @@ impl ReadJob {
 /// A worker: answers read jobs first, then the background process's reads
 /// ([`FsOptions::background_pid`]), prefetches when there are none; stops when the filesystem
 /// is dropped (a channel disconnects).
+///
+/// [`FsOptions::background_pid`]: crate::FsOptions::background_pid
 fn worker(
     inner: &Inner,
     jobs: &Receiver<ReadJob>,
