@@ -12,8 +12,9 @@
 //! `FOPEN_KEEP_CACHE` / `FOPEN_CACHE_DIR`; with `zero_open` off they answer those flags
 //! explicitly), symlinks are cached (`FUSE_CACHE_SYMLINKS`), every directory listing is a
 //! readdirplus (not `FUSE_READDIRPLUS_AUTO`, whose switch to plain readdir after the first
-//! batch of a large directory costs one LOOKUP per later entry that is then stat'ed: a cold
-//! `find -printf %s` of /usr/share took 1.4-1.6 s with it, 0.57-0.69 s without), lookups in one directory run in parallel
+//! batch of a large directory costs one LOOKUP per later entry that is then stat'ed: a
+//! listing answered with attributes trades a bigger reply for no LOOKUPs; the cold walk of
+//! `fuse-bench`, figures in `docs/perf.md`), lookups in one directory run in parallel
 //! (`FUSE_PARALLEL_DIROPS`) and `max_background` is raised so readahead is not throttled.
 //!
 //! Every write operation answers EROFS: the refusals are together at the end of the
@@ -75,7 +76,7 @@ pub struct FsOptions {
     pub prefetch_hot: bool,
     /// Read ahead (in image order, and after sequential reads of a file) on the workers.
     /// Off for a short container start on few cores, where decompressing blocks nobody asks
-    /// for takes the CPU from the application (measured by the launcher's benchmark).
+    /// for takes the CPU from the application (`launch-bench`).
     pub read_ahead: bool,
     /// Push the rest of a freshly decompressed block, and the tails in it of the files the
     /// kernel knows, into the kernel's page cache (FUSE_NOTIFY_STORE, on its own thread).
@@ -521,9 +522,9 @@ impl Filesystem for CimgFs {
         // two), unless blocks are smaller than the kernel's own 128 KiB read-ahead: each READ
         // is then answered straight from its cached block, with no copy to assemble one that
         // spans blocks, and the read-ahead window (1 MiB as root, `--read-ahead-kb`) goes out
-        // as several READs that the workers answer in parallel. fuse-bench's 1 GiB file, old
-        // (1 MiB READs) and new binaries alternating: cold read 1.33 -> 1.24 s, sequential
-        // 948 -> 1036 MB/s (medians of 15 runs each; /usr/share showed no difference).
+        // as several READs that the workers answer in parallel. The cost is more requests
+        // per byte; it pays on a big file's cold and sequential reads and is neutral on a
+        // tree of small files (`fuse-bench`; the A/B figures are in `docs/perf.md`).
         let most = self.inner.blksize.max(READ_MIN);
         let _ = config.set_max_write(most);
         let _ = config.set_max_readahead(most);

@@ -263,11 +263,10 @@ fn mount_direct(
 }
 
 /// Read-ahead `cimg-mount` asks the kernel for (`--read-ahead-kb`): 1 MiB. The kernel's
-/// default for a FUSE mount is 128 KiB; with 1 MiB a cold sequential read of a 1 GiB file
-/// (`dd bs=1M` after dropping caches, two runs each, measured when READs could still be
-/// 1 MiB) went from 0.76–0.98 to 1.1–1.2 GB/s here: more bytes in flight while the workers
-/// decompress. `launch` keeps the default: a start-up mostly faults in pieces of executables,
-/// where a bigger window only decompresses more.
+/// default for a FUSE mount is 128 KiB; a wider window keeps more bytes in flight while the
+/// workers decompress, which a cold sequential read gains from (`fuse-bench`'s big file;
+/// figures in `docs/perf.md`). `launch` keeps the default: a start-up mostly faults in pieces
+/// of executables, where a bigger window only decompresses more.
 pub const DEFAULT_READ_AHEAD_KB: u32 = 1024;
 
 /// The device number (`major:minor`) of the filesystem mounted last on `mountpoint` (an

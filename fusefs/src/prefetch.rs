@@ -12,8 +12,9 @@ use crossbeam_channel::Sender;
 use std::sync::atomic::Ordering;
 
 /// Blocks queued ahead of a sequential reader (2 MiB at 128 KiB blocks: enough to keep the
-/// workers decompressing while the kernel asks for the next 128 KiB; fuse-bench measured 4
-/// and 16 within noise of each other on a 1 GiB file, 16 slightly ahead).
+/// workers decompressing while the kernel asks for the next 128 KiB). Deeper decompresses
+/// more blocks that a reader who stops early never reads; shallower lets the workers run dry
+/// between READs. Not sensitive between 4 and 16 (`fuse-bench`'s big file, `docs/perf.md`).
 pub const PREFETCH_BLOCKS: usize = 16;
 
 /// Queue length of the prefetch workers; prefetches beyond it are dropped.
@@ -114,9 +115,10 @@ pub(crate) fn prefetch_exec(
 /// idle scheduling class: it uses the CPU the container leaves idle (while launch sets up,
 /// while the application waits on I/O) instead of competing with it; a read of a block it is
 /// still decompressing does not wait for it ([`BlockCache::prefetch`]). It yields after each
-/// block: the kernel (6.18 in a 2-vCPU VM, measured with `perf sched timehist`) let a woken
-/// task wait up to 3 ms behind it (`perf stat -r 30 launch img-hot.cimg -- /bin/true`: 21.6 ms,
-/// 12.7 without the prefetch, 15.5 yielding; launch-bench before/after: 23.6 → 14.6 ms).
+/// block: even in the idle class, a thread that keeps its core makes a woken task of the
+/// container wait behind it for milliseconds, and yielding after each block removes most of
+/// that delay for the cost of a system call per block (`launch-bench` with a hot list; the
+/// scheduler trace and A/B figures are in `docs/perf.md`).
 ///
 /// [`BlockCache::prefetch`]: crate::cache::BlockCache::prefetch
 pub(crate) fn prefetch_hot(inner: &Inner, hot: u64) {
@@ -215,9 +217,10 @@ impl CimgFs {
 }
 
 /// Whether more tasks are runnable than twice the cores plus two (`/proc/loadavg`'s running
-/// count; a single start on 2 cores sees 3 to 6): decompressing ahead pays only with a core
-/// to spare. With 64 containers started at once without `--join`, each server prefetching
-/// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
+/// count; the margin leaves room for one start's own tasks): decompressing ahead pays only
+/// with a core to spare, and when many containers start at once on one node, every server
+/// prefetching takes the cores from the applications (`join-bench`; figures in
+/// `docs/perf.md`).
 pub fn cpu_busy() -> bool {
     let cores = crate::cores();
     std::fs::read_to_string("/proc/loadavg")
