@@ -98,21 +98,6 @@ impl Error {
             err: source,
         }
     }
-
-    /// The errno a filesystem should answer for this error.
-    pub fn errno(&self) -> i32 {
-        match self {
-            Error::Io { err, .. } => err.raw_os_error().unwrap_or(libc_eio()),
-            Error::NotFound(_) => 2, // ENOENT
-            Error::WrongType { what, .. } if what.contains("directory") => 20, // ENOTDIR
-            Error::WrongType { .. } => 22, // EINVAL
-            _ => libc_eio(),
-        }
-    }
-}
-
-const fn libc_eio() -> i32 {
-    5
 }
 
 /// The type of an inode. The discriminant is the `kind` byte of a directory entry.

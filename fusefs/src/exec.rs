@@ -6,10 +6,11 @@
 //! before it starts it, so its server finds these files ([`exec_files`]) and decompresses
 //! their blocks on the workers while the kernel and the dynamic loader work through them:
 //! files up to 16 MiB whole, of bigger ones (a GPU or MPI library is mostly code that a start
-//! does not run) the parts the loader reads ([`loader_ranges`]). `launch-bench`, old and new
-//! binaries interleaved: `/bin/true` 1.04× → 0.94-0.98× ch-run's time, cold Python start
-//! 0.85× → 0.73-0.75×, warm 2.8-2.9× → 2.6× the unpacked directory's. Another process can
-//! also read them ahead into the kernel's page cache ([`crate::warm`]).
+//! does not run) the parts the loader reads ([`loader_ranges`]). The trade-off: blocks
+//! decompressed that the start may not need, against page faults that no longer wait for a
+//! decompression; it pays on `/bin/true` and a cold Python start (`launch-bench`; figures in
+//! `docs/perf.md`). Another process can also read them ahead into the kernel's page cache
+//! ([`crate::warm`]).
 //!
 //! The search follows the dynamic loader's, without its cache file: `#!` scripts lead to their
 //! interpreter; `DT_RPATH` (without `DT_RUNPATH`), `LD_LIBRARY_PATH`, `DT_RUNPATH` (with
@@ -115,9 +116,9 @@ fn components(p: &[u8]) -> Vec<Vec<u8>> {
 /// headers, or a script's `#!` line.
 const HEAD: u64 = 64 << 10;
 
-/// Files up to this size are prefetched whole. (`launch img -- /bin/true`, `perf stat -r
-/// 25`, three rounds: 10.6-13.5 ms whole, 11.7-13.3 ms with the loader's parts only;
-/// python 100-107 ms against 105-114.)
+/// Files up to this size are prefetched whole: below it, prefetching only the loader's parts
+/// decompresses less but made no start faster and a Python start slightly slower
+/// (`launch-bench`'s `/bin/true` and Python starts; figures in `docs/perf.md`).
 const WHOLE_MAX: u64 = 16 << 20;
 
 /// At most this much of one segment is prefetched.
@@ -256,8 +257,8 @@ pub fn exec_files(
 /// The byte ranges of an ELF file of `size` bytes (whose first bytes are `head`) that its
 /// loading reads: the head; the first loadable segment (headers, hash, dynamic symbols and
 /// strings, relocations; not code with `ld -z separate-code`, the default, and at most
-/// [`SEGMENT_CAP`] where it is); the writable segments and the dynamic section. Sorted and merged; just the head if `head` is
-/// not an ELF file whose program headers it holds.
+/// `SEGMENT_CAP` where it is); the writable segments and the dynamic section. Sorted and
+/// merged; just the head if `head` is not an ELF file whose program headers it holds.
 pub fn loader_ranges(head: &[u8], size: u64) -> Vec<Range<u64>> {
     use goblin::elf::program_header::{PF_W, PT_DYNAMIC, PT_LOAD, ProgramHeader};
     let mut out: Vec<Range<u64>> =

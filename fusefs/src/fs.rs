@@ -12,27 +12,21 @@
 //! `FOPEN_KEEP_CACHE` / `FOPEN_CACHE_DIR`; with `zero_open` off they answer those flags
 //! explicitly), symlinks are cached (`FUSE_CACHE_SYMLINKS`), every directory listing is a
 //! readdirplus (not `FUSE_READDIRPLUS_AUTO`, whose switch to plain readdir after the first
-//! batch of a large directory costs one LOOKUP per later entry that is then stat'ed: a cold
-//! `find -printf %s` of /usr/share took 1.4-1.6 s with it, 0.57-0.69 s without), lookups in one directory run in parallel
+//! batch of a large directory costs one LOOKUP per later entry that is then stat'ed: a
+//! listing answered with attributes trades a bigger reply for no LOOKUPs; the cold walk of
+//! `fuse-bench`, figures in `docs/perf.md`), lookups in one directory run in parallel
 //! (`FUSE_PARALLEL_DIROPS`) and `max_background` is raised so readahead is not throttled.
 //!
-//! Reads go through the shared [`BlockCache`]. A read whose blocks are all cached is answered
-//! by the event loop that received it; otherwise it is handed (with its `Send` reply) to a
-//! pool of decompression workers (crossbeam channel), so the event loop can take the next
-//! request while the block loads. A read inside one extent (the common case: the kernel asks
-//! in 128 KiB pieces aligned to the block size) is answered straight from the cached block
-//! without copying. A read that starts where the previous read of the same inode ended is
-//! sequential: the next [`PREFETCH_BLOCKS`] blocks are queued to the same workers, which
-//! take reads first and prefetches when idle. When the image has a hot list, its blocks are
-//! read at mount in the background: the stored range streams in 4 MiB reads and one thread
-//! of the idle scheduling class (`SCHED_IDLE`) decompresses it, up to half the cache, in the
-//! CPU time the container leaves idle; a read never waits for that thread (it loads the
-//! block itself). A block loaded for the first time is pushed into the kernel's page cache
-//! (FUSE_NOTIFY_STORE, on a thread of its own): the rest of the requested file's bytes in it,
-//! and the small files and tails in it of the other files the kernel has looked up or listed
-//! ([`Tails`]), which are then read without asking the daemon.
+//! Every write operation answers EROFS: the refusals are together at the end of the
+//! `Filesystem` impl (with OPEN for writing or truncation and `access(W_OK)`, which answer
+//! it too).
+//!
+//! The rest of the filesystem lives in private modules of its own, each an `impl` of the
+//! state shared by the event loops and the workers (`Inner`): the read path and the worker
+//! pool (`read.rs`), page-cache pushes (`push.rs`), read-ahead and the prefetch threads
+//! (`prefetch.rs`), and the hot-list recorder (`hot.rs`).
 
-use crate::cache::{Block, BlockCache};
+use crate::cache::BlockCache;
 use cimg_format::{Attr, Error, FileKind, Image};
 use crossbeam_channel::{Receiver, Sender};
 use fuser::{
@@ -41,43 +35,33 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use crate::hot::HotFailure;
+use crate::hot::HotRecorder;
+pub use crate::prefetch::{PREFETCH_BLOCKS, cpu_busy};
+use crate::prefetch::{PREFETCH_QUEUE, RECENT, SEQ_SHARDS};
+use crate::push::Tails;
+pub use crate::push::{StoreJob, store_loop};
+use crate::read::{READ_QUEUE, ReadJob};
 
 /// TTL of entries and attributes: the image is immutable. (Not `Duration::MAX`: the kernel
 /// converts the seconds to a signed count.)
 pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Blocks queued ahead of a sequential reader (2 MiB at 128 KiB blocks: enough to keep the
-/// workers decompressing while the kernel asks for the next 128 KiB; fuse-bench measured 4
-/// and 16 within noise of each other on a 1 GiB file, 16 slightly ahead).
-pub const PREFETCH_BLOCKS: usize = 16;
-
-/// Bad blocks logged (one line each) before the log falls silent, and how many of them get
-/// the paths of their files (a walk of the whole tree each).
-const MAX_BAD_LOGGED: usize = 100;
-const MAX_BAD_NAMED: usize = 16;
-
 /// The largest READ asked of an image of small blocks: the kernel's default read-ahead, so
 /// a mount as an ordinary user (who cannot raise it) keeps that window.
 const READ_MIN: u32 = 128 << 10;
 
-/// Queue length of the prefetch workers; prefetches beyond it are dropped.
-const PREFETCH_QUEUE: usize = 256;
-
-/// Queue length of reads waiting for a worker; event loops wait when it is full.
-const READ_QUEUE: usize = 1024;
-
-/// Inodes remembered per shard for sequential-read detection before the shard is cleared.
-const SEQ_MAX: usize = 4096;
-const SEQ_SHARDS: usize = 16;
+/// Default size of the decompressed-block cache: 256 MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
 
 /// How the filesystem behaves.
 #[derive(Debug, Clone)]
@@ -92,7 +76,7 @@ pub struct FsOptions {
     pub prefetch_hot: bool,
     /// Read ahead (in image order, and after sequential reads of a file) on the workers.
     /// Off for a short container start on few cores, where decompressing blocks nobody asks
-    /// for takes the CPU from the application (measured by the launcher's benchmark).
+    /// for takes the CPU from the application (`launch-bench`).
     pub read_ahead: bool,
     /// Push the rest of a freshly decompressed block, and the tails in it of the files the
     /// kernel knows, into the kernel's page cache (FUSE_NOTIFY_STORE, on its own thread).
@@ -120,7 +104,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            cache_size: crate::DEFAULT_CACHE_SIZE,
+            cache_size: DEFAULT_CACHE_SIZE,
             workers: 4,
             zero_open: true,
             prefetch_hot: true,
@@ -133,7 +117,7 @@ impl Default for FsOptions {
     }
 }
 
-/// Why an operation failed: an image error (mapped by [`Error::errno`]) or a plain errno.
+/// Why an operation failed: an image error (mapped by [`errno_of`]) or a plain errno.
 #[derive(Debug)]
 pub enum Fail {
     /// From the image reader.
@@ -152,525 +136,47 @@ impl Fail {
     /// The one errno mapping of the filesystem.
     pub fn errno(&self) -> Errno {
         match self {
-            Fail::Image(e) => Errno::from_i32(e.errno()),
+            Fail::Image(e) => errno_of(e),
             Fail::Errno(e) => *e,
         }
     }
 }
 
-type FResult<T> = Result<T, Fail>;
+/// The errno answered for an image error: the system's own for an I/O error (EIO if it gave
+/// none), ENOENT for a missing path, ENOTDIR or EINVAL for the wrong file type, EIO for
+/// everything else (a corrupt image or block, an unsupported feature). The reader knows
+/// nothing of errnos: this mapping is the filesystem's.
+pub fn errno_of(e: &Error) -> Errno {
+    match e {
+        Error::Io { err, .. } => err.raw_os_error().map_or(Errno::EIO, Errno::from_i32),
+        Error::NotFound(_) => Errno::ENOENT,
+        Error::WrongType { what, .. } if what.contains("directory") => Errno::ENOTDIR,
+        Error::WrongType { .. } => Errno::EINVAL,
+        _ => Errno::EIO,
+    }
+}
+
+pub(crate) type FResult<T> = Result<T, Fail>;
 
 /// State shared by the event loops and the workers.
-struct Inner {
-    img: Image,
-    cache: BlockCache,
-    blksize: u32,
+pub(crate) struct Inner {
+    pub(crate) img: Image,
+    pub(crate) cache: BlockCache,
+    pub(crate) blksize: u32,
     /// Bad blocks already logged.
-    logged: Mutex<HashSet<u32>>,
+    pub(crate) logged: Mutex<HashSet<u32>>,
     /// Where freshly decompressed blocks go to be pushed into the kernel's page cache
     /// (see [`StoreJob`]); unset until the session exists.
-    store: std::sync::OnceLock<Sender<StoreJob>>,
+    pub(crate) store: std::sync::OnceLock<Sender<StoreJob>>,
     /// The prefetch queue of the workers, for image-order read-ahead (see
     /// [`Inner::read_ahead`]); unset without workers. (The workers stop when the read-job
     /// channel closes, so this sender does not keep them alive.)
-    prefetch: std::sync::OnceLock<Sender<u32>>,
+    pub(crate) prefetch: std::sync::OnceLock<Sender<u32>>,
     /// Recently read blocks, direct-mapped by index modulo [`RECENT`]: whether the reader
     /// of a block just read the one or two before it.
-    recent: [AtomicU32; RECENT],
+    pub(crate) recent: [AtomicU32; RECENT],
     /// Tails of the files the kernel knows, by block, pushed when their block is loaded.
-    tails: Tails,
-}
-
-/// Shards of [`Tails::by_block`].
-const TAIL_SHARDS: usize = 16;
-
-/// The small files and file tails (chunks shorter than a block, which share fragment blocks,
-/// FORMAT.md §9) of regular files the kernel holds an inode for (answered by LOOKUP or
-/// READDIRPLUS), indexed by their block. When such a block is loaded, every tail in it is
-/// pushed into the kernel's page cache ([`StoreJob`]), so a later read of those files is
-/// answered by the kernel without a FUSE round trip: reading a tree of small files, most
-/// files cost no READ at all. (The kernel's squashfs keeps a decompressed fragment block in
-/// its fragment cache for the same reason.) A store needs the kernel's inode, hence only
-/// files it was told about; each inode is registered once, and each registration is pushed
-/// at most once. The registrations waiting for their block are bounded (by a 32nd of the
-/// block cache's size, [`Tails::new`]): a walk of millions of files that reads none of them
-/// does not grow the daemon without bound; files listed past the bound are read as usual.
-/// With `--record-hot` nothing is registered: a pushed file's first read would not reach the
-/// server, and the hot list would miss it.
-struct Tails {
-    /// One bit per inode: registered.
-    known: Box<[AtomicU64]>,
-    by_block: Box<[Mutex<TailMap>]>,
-    /// Registrations waiting for their block, and the most allowed.
-    pending: AtomicUsize,
-    max_pending: usize,
-}
-
-/// Registered tails by block index.
-type TailMap = HashMap<u32, Vec<Tail>>;
-
-/// Bytes of one file inside a decompressed block, to push into the kernel's page cache.
-#[derive(Debug, Clone, Copy)]
-struct Tail {
-    ino: u32,
-    /// Where they go in the file (a multiple of the block size).
-    file_offset: u64,
-    /// Where they are in the block.
-    start: u32,
-    len: u32,
-}
-
-impl Tails {
-    /// For `inodes` inodes, and a block cache of `cache_size` bytes: at most a 32nd of it in
-    /// waiting registrations (8 MiB, some 260,000 files, with the default 256 MiB cache).
-    fn new(inodes: u32, cache_size: u64) -> Self {
-        let per = std::mem::size_of::<Tail>() + 8; // the record, and the map's share of it
-        Tails {
-            pending: AtomicUsize::new(0),
-            max_pending: usize::try_from(cache_size / 32).unwrap_or(usize::MAX) / per,
-            known: (0..inodes as usize / 64 + 1)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            by_block: (0..TAIL_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-        }
-    }
-
-    fn shard(&self, block: u32) -> std::sync::MutexGuard<'_, TailMap> {
-        self.by_block[block as usize % TAIL_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Mark `ino` registered; false if it already was.
-    fn first(&self, ino: u32) -> bool {
-        let bit = 1u64 << (ino % 64);
-        self.known
-            .get(ino as usize / 64)
-            .is_some_and(|w| w.fetch_or(bit, Ordering::Relaxed) & bit == 0)
-    }
-}
-
-/// Slots of [`Inner::recent`].
-const RECENT: usize = 16;
-
-/// Parts of a freshly decompressed block to push into the kernel's page cache with
-/// FUSE_NOTIFY_STORE: the rest of the block for the file that asked for part of it, as the
-/// kernel's own squashfs fills the page cache with a whole block on the first read of any
-/// page of it (later small reads of that block, random 4 KiB reads say, are then answered by
-/// the kernel without a FUSE round trip), and the other files' tails in it ([`Tails`]).
-/// Sent to a thread of its own: a store can wait on a page that an in-flight read holds
-/// locked, and must never hold up the threads that answer reads.
-pub struct StoreJob {
-    block: Arc<Block>,
-    parts: Vec<Tail>,
-}
-
-/// Push [`StoreJob`]s into the kernel's page cache until the filesystem is dropped.
-pub fn store_loop(notifier: &fuser::Notifier, jobs: &Receiver<StoreJob>) {
-    for j in jobs {
-        for t in &j.parts {
-            let (start, len) = (t.start as usize, t.len as usize);
-            if let Some(data) = j.block.get(start..start + len) {
-                // A failure (inode evicted meanwhile, old kernel) only costs the optimisation.
-                let _ = notifier.store(fuser::INodeNo(t.ino as u64), t.file_offset, data);
-            }
-        }
-    }
-}
-
-impl Inner {
-    /// Read, verify and decompress block `idx` into a page-aligned buffer.
-    fn load(&self, idx: u32) -> cimg_format::Result<Block> {
-        thread_local! {
-            static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        STORED.with(|s| {
-            let mut stored = s.borrow_mut();
-            self.img.read_stored(idx, &mut stored)?;
-            self.decode(idx, &stored)
-        })
-    }
-
-    /// Block `idx` from its stored bytes, already read (the hot-list prefetch reads many
-    /// blocks at once): verified, then decompressed like [`Inner::load`].
-    fn load_from(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
-        self.img.check_stored(idx, stored)?;
-        self.decode(idx, stored)
-    }
-
-    /// Decompress block `idx`'s verified stored bytes into a page-aligned buffer.
-    fn decode(&self, idx: u32, stored: &[u8]) -> cimg_format::Result<Block> {
-        let (_, _, raw) = self.img.block_info(idx)?;
-        let mut block = self.cache.alloc(raw as usize).map_err(|err| Error::Io {
-            path: "anonymous memory for a block".into(),
-            err,
-        })?;
-        self.img.decode_block(idx, stored, block.as_mut_slice())?;
-        Ok(block)
-    }
-
-    /// Image-order read-ahead: files read in the order they are laid out (a tree read in
-    /// directory order, small files sharing blocks) read the image's blocks in index order
-    /// without any one file being read sequentially. When block `idx` is read and block
-    /// `idx - 1` or `idx - 2` was read just before, the next [`PREFETCH_BLOCKS`] blocks go to
-    /// the prefetch queue: on a miss of `idx`, and on every eighth block when it hits (the
-    /// window moves along without checking it on every read). Random reads cost two atomic
-    /// loads and a store.
-    fn read_ahead(&self, idx: u32, miss: bool) {
-        let slot = |b: u32| &self.recent[b as usize % RECENT];
-        let follows = [1, 2].iter().any(|&d| {
-            idx.checked_sub(d)
-                .is_some_and(|p| slot(p).load(Ordering::Relaxed) == p)
-        });
-        slot(idx).store(idx, Ordering::Relaxed);
-        if !follows || !(miss || idx.is_multiple_of(8)) {
-            return;
-        }
-        let Some(tx) = self.prefetch.get() else {
-            return;
-        };
-        let end = idx
-            .saturating_add(PREFETCH_BLOCKS as u32)
-            .min(self.img.block_count().saturating_sub(1));
-        for b in idx.saturating_add(1)..=end {
-            if !self.cache.contains(b) && tx.try_send(b).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Block `idx` through the cache; a bad block is logged once, naming `ino` if known.
-    /// When this call loaded it, the registered tails in it are pushed (but `ino`'s: its
-    /// reader is answered from the block).
-    fn block(&self, idx: u32, ino: Option<u32>) -> cimg_format::Result<Arc<Block>> {
-        let mut loaded = false;
-        let data = self
-            .cache
-            .get_or_load(idx, || {
-                loaded = true;
-                self.load(idx)
-            })
-            .inspect_err(|e| {
-                if ino.is_some() {
-                    self.log_bad(idx, ino, e);
-                }
-            })?;
-        if loaded {
-            self.push_tails(idx, &data, ino);
-        }
-        Ok(data)
-    }
-
-    /// Register the tail of regular file `a` (see [`Tails`]) if the filesystem pushes into
-    /// the page cache; pushed now if its block is cached, else when the block is loaded.
-    fn note_file(&self, a: &Attr) {
-        if a.kind != FileKind::File || a.size == 0 || self.store.get().is_none() {
-            return;
-        }
-        if self.tails.pending.load(Ordering::Relaxed) >= self.tails.max_pending
-            || !self.tails.first(a.ino)
-        {
-            return;
-        }
-        let bs = self.img.block_size();
-        let last = (a.size - 1) & !(u64::from(bs) - 1);
-        let Ok(Some(ext)) = self.img.extent_at(a.ino, last) else {
-            return;
-        };
-        let Some(b) = ext.block else {
-            return;
-        };
-        if ext.len >= bs {
-            // A full block of its own: a read of it pushes the rest (see `read`).
-            return;
-        }
-        self.tails.pending.fetch_add(1, Ordering::Relaxed);
-        self.tails.shard(b).entry(b).or_default().push(Tail {
-            ino: a.ino,
-            file_offset: ext.file_offset,
-            start: ext.block_offset,
-            len: ext.len,
-        });
-        // The loader of `b` takes the list after the block is ready, so a tail registered
-        // while `b` loads is pushed by one of the two.
-        if let Some(data) = self.cache.get(b) {
-            self.push_tails(b, &data, None);
-        }
-    }
-
-    /// Push the registered tails in block `idx` (`data`), except `skip`'s.
-    fn push_tails(&self, idx: u32, data: &Arc<Block>, skip: Option<u32>) {
-        let Some(tx) = self.store.get() else {
-            return;
-        };
-        let Some(mut parts) = self.tails.shard(idx).remove(&idx) else {
-            return;
-        };
-        self.tails.pending.fetch_sub(parts.len(), Ordering::Relaxed);
-        parts.retain(|t| Some(t.ino) != skip);
-        if !parts.is_empty() {
-            let _ = tx.try_send(StoreJob {
-                block: data.clone(),
-                parts,
-            });
-        }
-    }
-
-    fn log_bad(&self, idx: u32, ino: Option<u32>, e: &Error) {
-        let n = {
-            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-            if !logged.insert(idx) {
-                return;
-            }
-            logged.len()
-        };
-        if n > MAX_BAD_LOGGED {
-            if n == MAX_BAD_LOGGED + 1 {
-                crate::log(format_args!(
-                    "{}: more bad blocks; no longer logging them",
-                    self.img.label().display()
-                ));
-            }
-            return;
-        }
-        // Naming the files walks the whole tree: only for the first few blocks.
-        let files = if n <= MAX_BAD_NAMED {
-            self.img.files_using_block(idx).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let mut files = files
-            .into_iter()
-            .map(|p| format!("/{}", String::from_utf8_lossy(&p)))
-            .collect::<Vec<_>>();
-        if files.len() > 3 {
-            let more = files.len() - 3;
-            files.truncate(3);
-            files.push(format!("and {more} more"));
-        }
-        let ino = ino.map(|i| format!("inode {i}")).unwrap_or_default();
-        crate::log(format_args!(
-            "{}: block {idx} ({ino}{}{}): {e}; reads of it answer EIO",
-            self.img.label().display(),
-            if files.is_empty() { "" } else { ": " },
-            files.join(", ")
-        ));
-    }
-
-    /// Whether every block that a read of `size` bytes at `offset` touches is cached.
-    fn all_ready(&self, ino: u32, offset: u64, size: u32) -> bool {
-        let end = offset.saturating_add(size.into());
-        let mut pos = offset;
-        while pos < end {
-            match self.img.extent_at(ino, pos) {
-                Ok(Some(ext)) => {
-                    if let Some(b) = ext.block
-                        && !self.cache.is_ready(b)
-                    {
-                        return false;
-                    }
-                    pos = ext.file_offset + ext.len as u64;
-                }
-                // Past the end, or an error that the read itself will report.
-                _ => return true,
-            }
-        }
-        true
-    }
-
-    /// Read `size` bytes of `ino` at `offset` and hand them to `out` (one call).
-    fn read(&self, ino: u32, offset: u64, size: u32, out: impl FnOnce(&[u8])) -> FResult<()> {
-        let Some(ext) = self.img.extent_at(ino, offset)? else {
-            out(&[]);
-            return Ok(());
-        };
-        let size = size as usize;
-        let within = (offset - ext.file_offset) as usize;
-        let n = (ext.len as usize - within).min(size);
-        let file_end = ext.file_offset + ext.len as u64;
-        // One extent covers the request (or the file ends inside it): answer from the block.
-        if n == size || self.img.extent_at(ino, file_end)?.is_none() {
-            match ext.block {
-                None => out(&vec![0; n]),
-                Some(b) => {
-                    let fresh = !self.cache.is_ready(b);
-                    self.read_ahead(b, fresh);
-                    let data = self.block(b, Some(ino))?;
-                    out(slice(&data, b, ext.block_offset as usize + within, n)?);
-                    // A read of part of a block just decompressed: give the kernel the rest
-                    // of this file's bytes in it. Never past the end of the file (a store
-                    // there would grow the file in the kernel's eyes): the extent stops at it.
-                    if fresh
-                        && n < ext.len as usize
-                        && let Some(tx) = self.store.get()
-                    {
-                        let _ = tx.try_send(StoreJob {
-                            block: data,
-                            parts: vec![Tail {
-                                ino,
-                                file_offset: ext.file_offset,
-                                start: ext.block_offset,
-                                len: ext.len,
-                            }],
-                        });
-                    }
-                }
-            }
-            return Ok(());
-        }
-        let mut buf = Vec::with_capacity(size);
-        let mut pos = offset;
-        while buf.len() < size {
-            let Some(ext) = self.img.extent_at(ino, pos)? else {
-                break;
-            };
-            let within = (pos - ext.file_offset) as usize;
-            let n = (ext.len as usize - within).min(size - buf.len());
-            match ext.block {
-                None => buf.resize(buf.len() + n, 0),
-                Some(b) => {
-                    self.read_ahead(b, !self.cache.is_ready(b));
-                    let data = self.block(b, Some(ino))?;
-                    buf.extend_from_slice(slice(&data, b, ext.block_offset as usize + within, n)?);
-                }
-            }
-            pos += n as u64;
-        }
-        out(&buf);
-        Ok(())
-    }
-}
-
-/// A read request, answered where its blocks are (an event loop or a worker).
-struct ReadJob {
-    ino: u32,
-    offset: u64,
-    size: u32,
-    reply: ReplyData,
-}
-
-impl ReadJob {
-    fn run(self, inner: &Inner) {
-        let mut reply = Some(self.reply);
-        let r = inner.read(self.ino, self.offset, self.size, |data| {
-            if let Some(r) = reply.take() {
-                r.data(data);
-            }
-        });
-        if let (Err(e), Some(r)) = (r, reply) {
-            r.error(e.errno());
-        }
-    }
-}
-
-/// Decompress ahead, on the workers, the blocks of the files a start of `hint`'s program
-/// reads ([`crate::exec::exec_files`]), at most `budget` bytes of them. The parts the search
-/// looks inside are read here through the cache ([`Inner::read`]: a block a worker or a
-/// reader is already loading is waited for, not loaded twice).
-fn prefetch_exec(inner: &Inner, hint: &crate::exec::ExecHint, tx: &Sender<u32>, budget: u64) {
-    let mut left = budget;
-    crate::exec::exec_files(
-        &inner.img,
-        hint,
-        |ino, _, ranges| {
-            let Ok(extents) = inner.img.extents(ino) else {
-                return;
-            };
-            let mut last = None;
-            for e in extents {
-                let (start, end) = (e.file_offset, e.file_offset + u64::from(e.len));
-                let Some(b) = e.block else { continue };
-                if last == Some(b) || !ranges.iter().any(|r| r.start < end && start < r.end) {
-                    continue;
-                }
-                last = Some(b);
-                let charge = u64::from(inner.blksize);
-                if inner.cache.contains(b) {
-                    continue;
-                }
-                if charge > left {
-                    return;
-                }
-                left -= charge;
-                // Blocking: the workers take reads first; a full queue waits for them.
-                if tx.send(b).is_err() {
-                    return;
-                }
-            }
-        },
-        |ino, _, range| {
-            let mut bytes = None;
-            let len = u32::try_from(range.end - range.start).ok()?;
-            inner
-                .read(ino, range.start, len, |d| bytes = Some(d.to_vec()))
-                .ok()?;
-            bytes
-        },
-    );
-}
-
-/// Whether more tasks are runnable than twice the cores plus two (`/proc/loadavg`'s running
-/// count; a single start on 2 cores sees 3 to 6): decompressing ahead pays only with a core
-/// to spare. With 64 containers started at once without `--join`, each server prefetching
-/// made the start 20% slower (`join-bench --ranks 64 --launch OLD|NEW`: 410 → 480-500 ms).
-pub fn cpu_busy() -> bool {
-    let cores = crate::cores();
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| {
-            let running = l.split_whitespace().nth(3)?.split('/').next()?;
-            running.parse::<usize>().ok()
-        })
-        .is_some_and(|r| r > 2 * cores + 2)
-}
-
-/// A worker: answers read jobs first, then the background process's reads
-/// ([`FsOptions::background_pid`]), prefetches when there are none; stops when the filesystem
-/// is dropped (a channel disconnects).
-fn worker(
-    inner: &Inner,
-    jobs: &Receiver<ReadJob>,
-    background: &Receiver<ReadJob>,
-    prefetch: &Receiver<u32>,
-) {
-    loop {
-        if let Ok(job) = jobs.try_recv() {
-            job.run(inner);
-            continue;
-        }
-        if let Ok(job) = background.try_recv() {
-            job.run(inner);
-            continue;
-        }
-        crossbeam_channel::select! {
-            recv(jobs) -> job => match job {
-                Ok(job) => job.run(inner),
-                Err(_) => return,
-            },
-            recv(background) -> job => match job {
-                Ok(job) => job.run(inner),
-                Err(_) => return,
-            },
-            recv(prefetch) -> idx => match idx {
-                // Errors are reported to the reader that needs the block.
-                Ok(idx) => drop(inner.block(idx, None)),
-                Err(_) => return,
-            },
-        }
-    }
-}
-
-fn slice(data: &[u8], block: u32, start: usize, n: usize) -> cimg_format::Result<&[u8]> {
-    start
-        .checked_add(n)
-        .and_then(|end| data.get(start..end))
-        .ok_or_else(|| Error::BadBlock {
-            block,
-            offset: 0,
-            why: format!("extent {start}+{n} outside the block"),
-        })
+    pub(crate) tails: Tails,
 }
 
 /// A handle on a filesystem's decompressed-block cache that outlives the borrow of the
@@ -698,85 +204,21 @@ impl CacheHandle {
 
 /// The filesystem. Cheap to build: the image was validated by [`Image::open`].
 pub struct CimgFs {
-    inner: Arc<Inner>,
-    opts: FsOptions,
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) opts: FsOptions,
     /// Prefetch queue; `None` without workers. Dropping it stops the workers.
-    tx: Option<Sender<u32>>,
-    rx: Option<Receiver<u32>>,
+    pub(crate) tx: Option<Sender<u32>>,
+    pub(crate) rx: Option<Receiver<u32>>,
     /// Reads whose blocks must be loaded, answered by the workers; `None` without workers.
-    jobs: Option<Sender<ReadJob>>,
-    jobs_rx: Option<Receiver<ReadJob>>,
+    pub(crate) jobs: Option<Sender<ReadJob>>,
+    pub(crate) jobs_rx: Option<Receiver<ReadJob>>,
     /// The same for the reads of [`FsOptions::background_pid`], taken after the others.
-    background: Option<Sender<ReadJob>>,
-    background_rx: Option<Receiver<ReadJob>>,
+    pub(crate) background: Option<Sender<ReadJob>>,
+    pub(crate) background_rx: Option<Receiver<ReadJob>>,
     /// Per inode: where the last read ended (sequential-read detection).
-    seq: Box<[Mutex<HashMap<u32, u64>>]>,
+    pub(crate) seq: Box<[Mutex<HashMap<u32, u64>>]>,
     /// First-read order of files, with `--record-hot`.
-    hot: Option<HotRecorder>,
-}
-
-/// The order in which inodes are first read: a bitset for "seen" and the list.
-struct HotRecorder {
-    seen: Box<[AtomicU64]>,
-    order: Mutex<Vec<u32>>,
-    /// Why writing the list at unmount failed, for [`crate::Server::run`] to return.
-    failed: HotFailure,
-}
-
-/// Where the error of writing the hot list at unmount is left (see [`CimgFs::hot_failure`]).
-pub type HotFailure = Arc<Mutex<Option<Error>>>;
-
-impl HotRecorder {
-    fn new(inodes: u32) -> Self {
-        HotRecorder {
-            seen: (0..(inodes as usize + 1).div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            order: Mutex::new(Vec::new()),
-            failed: Arc::default(),
-        }
-    }
-
-    fn touch(&self, ino: u32) {
-        let Some(w) = self.seen.get(ino as usize / 64) else {
-            return;
-        };
-        let bit = 1u64 << (ino % 64);
-        if w.load(Ordering::Relaxed) & bit == 0 && w.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            self.order
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(ino);
-        }
-    }
-
-    /// Write the recorded files as paths, one per line, all or nothing
-    /// ([`cimg_format::output`]: no planted symlink followed, no empty file left on a full
-    /// disk).
-    fn write(&self, img: &Image, out: &Path) -> Result<usize, Error> {
-        let order = std::mem::take(&mut *self.order.lock().unwrap_or_else(|p| p.into_inner()));
-        let wanted: HashSet<u32> = order.iter().copied().collect();
-        let mut paths: HashMap<u32, Vec<u8>> = HashMap::new();
-        img.walk(|path, e| {
-            if wanted.contains(&e.ino) {
-                paths.entry(e.ino).or_insert_with(|| path.to_vec());
-            }
-            Ok(())
-        })?;
-        let mut text = Vec::new();
-        let mut n = 0;
-        for ino in order {
-            // A name with a newline cannot be listed; it is left out.
-            if let Some(p) = paths.get(&ino).filter(|p| !p.contains(&b'\n')) {
-                text.push(b'/');
-                text.extend_from_slice(p);
-                text.push(b'\n');
-                n += 1;
-            }
-        }
-        cimg_format::output::write_file(out, &text)?;
-        Ok(n)
-    }
+    pub(crate) hot: Option<HotRecorder>,
 }
 
 impl std::fmt::Debug for CimgFs {
@@ -927,86 +369,6 @@ impl CimgFs {
         &self.inner.cache
     }
 
-    /// Start the prefetch workers and the hot-list prefetch (called from `init`). Only the
-    /// first worker is started here: it starts the others and the prefetch threads itself,
-    /// so that the kernel's INIT is answered after one thread start rather than four or five
-    /// (`launch` waits for INIT). If a later thread cannot be started, the first worker still
-    /// answers every read.
-    fn start_workers(&mut self) -> io::Result<()> {
-        let (Some(rx), Some(jobs), Some(bg)) = (
-            self.rx.take(),
-            self.jobs_rx.take(),
-            self.background_rx.take(),
-        ) else {
-            return Ok(());
-        };
-        let workers = self.opts.workers;
-        let exec = self
-            .opts
-            .exec
-            .clone()
-            .zip(self.tx.clone())
-            .filter(|_| !cpu_busy());
-        let budget = self.opts.cache_size / 2;
-        let hot = self.inner.img.summary().hot_blocks;
-        let hot = (self.opts.prefetch_hot && hot > 0).then_some(hot);
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name("cimg-worker-0".into())
-            .spawn(move || {
-                for i in 1..workers {
-                    let (rx, jobs, bg, inner) =
-                        (rx.clone(), jobs.clone(), bg.clone(), inner.clone());
-                    let _ = std::thread::Builder::new()
-                        .name(format!("cimg-worker-{i}"))
-                        .spawn(move || worker(&inner, &jobs, &bg, &rx));
-                }
-                if let Some((hint, tx)) = exec {
-                    let inner = inner.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("cimg-exec".into())
-                        .spawn(move || prefetch_exec(&inner, &hint, &tx, budget));
-                }
-                if let Some(hot) = hot {
-                    let inner = inner.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("cimg-hot".into())
-                        .spawn(move || prefetch_hot(&inner, hot));
-                }
-                worker(&inner, &jobs, &bg, &rx)
-            })?;
-        Ok(())
-    }
-
-    /// Record a read of `ino` at `offset..end`; whether it continues the previous one.
-    fn sequential(&self, ino: u32, offset: u64, end: u64) -> bool {
-        let mut m = self.seq[ino as usize % SEQ_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if m.len() >= SEQ_MAX {
-            m.clear();
-        }
-        m.insert(ino, end) == Some(offset)
-    }
-
-    /// Queue the blocks after `from` in `ino` that are not cached yet.
-    fn prefetch_after(&self, ino: u32, from: u64) {
-        let Some(tx) = &self.tx else { return };
-        let mut pos = from;
-        for _ in 0..PREFETCH_BLOCKS {
-            let Ok(Some(ext)) = self.inner.img.extent_at(ino, pos) else {
-                return;
-            };
-            if let Some(b) = ext.block
-                && !self.inner.cache.contains(b)
-                && tx.try_send(b).is_err()
-            {
-                return;
-            }
-            pos = ext.file_offset + ext.len as u64;
-        }
-    }
-
     fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FResult<Option<FileAttr>> {
         let img = &self.inner.img;
         match img.lookup(ino(parent)?, name.as_bytes())? {
@@ -1142,78 +504,6 @@ const fn libc_o_trunc() -> i32 {
     0o1000
 }
 
-/// Read the hot blocks' stored range in 4 MiB pieces and decompress each piece's blocks from
-/// the bytes read (verified like any other), up to half the cache, on this thread in the
-/// idle scheduling class: it uses the CPU the container leaves idle (while launch sets up,
-/// while the application waits on I/O) instead of competing with it; a read of a block it is
-/// still decompressing does not wait for it ([`BlockCache::prefetch`]). It yields after each
-/// block: the kernel (6.18 in a 2-vCPU VM, measured with `perf sched timehist`) let a woken
-/// task wait up to 3 ms behind it (`perf stat -r 30 launch img-hot.cimg -- /bin/true`: 21.6 ms,
-/// 12.7 without the prefetch, 15.5 yielding; launch-bench before/after: 23.6 → 14.6 ms).
-fn prefetch_hot(inner: &Inner, hot: u64) {
-    const CHUNK: u64 = 4 << 20;
-    // Best effort: without it the prefetch runs at the normal priority.
-    let _ = thread_priority::set_thread_priority_and_policy(
-        thread_priority::thread_native_id(),
-        thread_priority::ThreadPriority::Min,
-        thread_priority::ThreadSchedulePolicy::Normal(
-            thread_priority::NormalThreadSchedulePolicy::Idle,
-        ),
-    );
-    let budget = inner.cache.capacity() / 2;
-    let n = u32::try_from(hot)
-        .unwrap_or(u32::MAX)
-        .min(inner.img.block_count());
-    let mut buf = Vec::new();
-    let mut raw_total = 0u64;
-    let mut idx = 0u32;
-    while idx < n {
-        let Ok((start, _, _)) = inner.img.block_info(idx) else {
-            return;
-        };
-        let mut end = start;
-        let first = idx;
-        while idx < n {
-            let Ok((off, stored, raw)) = inner.img.block_info(idx) else {
-                return;
-            };
-            if off != end || (idx > first && off + stored as u64 - start > CHUNK) {
-                break;
-            }
-            if raw_total + raw as u64 > budget {
-                break;
-            }
-            raw_total += raw as u64;
-            end = off + stored as u64;
-            idx += 1;
-        }
-        if idx == first {
-            return; // budget reached or a non-contiguous table: stop quietly
-        }
-        buf.resize((end - start) as usize, 0);
-        if inner.img.read_raw(start, &mut buf).is_err() {
-            return;
-        }
-        for b in first..idx {
-            let Ok((off, stored, _)) = inner.img.block_info(b) else {
-                return;
-            };
-            let at = (off - start) as usize;
-            let Some(bytes) = buf.get(at..at + stored as usize) else {
-                return;
-            };
-            // Errors are reported to the reader that needs the block (it reads it again).
-            // A block this loaded pushes its registered tails, as a read's load does.
-            if let Ok(true) = inner.cache.prefetch(b, || inner.load_from(b, bytes))
-                && let Some(data) = inner.cache.get(b)
-            {
-                inner.push_tails(b, &data, None);
-            }
-            std::thread::yield_now();
-        }
-    }
-}
-
 impl Filesystem for CimgFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
@@ -1232,9 +522,9 @@ impl Filesystem for CimgFs {
         // two), unless blocks are smaller than the kernel's own 128 KiB read-ahead: each READ
         // is then answered straight from its cached block, with no copy to assemble one that
         // spans blocks, and the read-ahead window (1 MiB as root, `--read-ahead-kb`) goes out
-        // as several READs that the workers answer in parallel. fuse-bench's 1 GiB file, old
-        // (1 MiB READs) and new binaries alternating: cold read 1.33 -> 1.24 s, sequential
-        // 948 -> 1036 MB/s (medians of 15 runs each; /usr/share showed no difference).
+        // as several READs that the workers answer in parallel. The cost is more requests
+        // per byte; it pays on a big file's cold and sequential reads and is neutral on a
+        // tree of small files (`fuse-bench`; the A/B figures are in `docs/perf.md`).
         let most = self.inner.blksize.max(READ_MIN);
         let _ = config.set_max_write(most);
         let _ = config.set_max_readahead(most);
@@ -1770,6 +1060,31 @@ mod tests {
         assert!(fs.cache().bytes() <= 64 << 10);
         // Reading a directory is an error, not a panic.
         assert!(fs.inner.read(1, 0, 10, |_| {}).is_err());
+    }
+
+    #[test]
+    fn image_errors_map_to_errnos() {
+        let io = |err| Error::Io {
+            path: "x".into(),
+            err,
+        };
+        let wrong = |what| Error::WrongType { ino: 2, what };
+        for (e, want) in [
+            (io(io::Error::from_raw_os_error(13)), Errno::from_i32(13)),
+            (io(io::Error::other("no errno")), Errno::EIO),
+            (Error::NotFound("a/b".into()), Errno::ENOENT),
+            (wrong("not a directory"), Errno::ENOTDIR),
+            (wrong("not a symlink"), Errno::EINVAL),
+            (
+                Error::Corrupt {
+                    what: "x".into(),
+                    offset: 0,
+                },
+                Errno::EIO,
+            ),
+        ] {
+            assert_eq!(Fail::from(e).errno(), want);
+        }
     }
 
     #[test]

@@ -1,10 +1,9 @@
 //! Reading a mounted image's files ahead into the kernel's page cache, from a process that is
 //! not the FUSE server: the files a program's start reads ([`crate::exec::exec_files`]) and
 //! the image's hot files (§11 of the format). The program then finds them looked up and in
-//! the page cache, instead of sending a LOOKUP and READs for each: `launch img -- /bin/true`
-//! sends 3 READs during the exec instead of 21, and a Python start from an image packed with
-//! its hot list 20 READs and 64 LOOKUPs instead of 213 and 135 (requests counted by sender
-//! with `perf record -e fuse:fuse_request_send -a -- launch …`, then `perf script`).
+//! the page cache, instead of sending a LOOKUP and READs for each: the program then sends a
+//! fraction of the READs and LOOKUPs it would (request counts in `docs/perf.md`; timings in
+//! `launch-bench`).
 //!
 //! Not from the server itself: closing a file of its own mount sends a FLUSH, which the
 //! kernel waits for without interruption. A server SIGKILLed at that moment keeps that thread

@@ -76,8 +76,8 @@ fn options(a: &Args) -> MountOptions {
     if let Some(c) = a.cache_size {
         o.fs.cache_size = c;
     }
-    // Twice the cores: a worker waiting for the image's bytes leaves its core to another (a
-    // cold sequential read of a 1 GiB file on 2 cores: about 500 MB/s with 2, 800 with 4).
+    // Twice the cores: a worker waiting for the image's bytes leaves its core to another, so
+    // a cold read keeps every core decompressing (`fuse-bench`; figures in docs/perf.md).
     let cores = cimg_fuse::cores();
     o.fs.workers = a.workers.unwrap_or((2 * cores).clamp(4, 16));
     o.fs.record_hot = a.record_hot.clone();
@@ -177,11 +177,11 @@ fn background(a: &Args) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
-    // The child's start overlaps the first read of the image's metadata (cold: 2–3 ms for
-    // 0.9 MiB here, more on a parallel filesystem); the child gets this open file as its
-    // standard input instead of opening the image again. It reports any error in the image;
-    // what does not open, or is not a regular file (a FIFO would block a plain open), is
-    // refused here.
+    // The child's start overlaps the first read of the image's metadata (cold, milliseconds,
+    // more on a parallel filesystem: `fuse-bench`'s mount time, docs/perf.md); the child gets
+    // this open file as its standard input instead of opening the image again. It reports any
+    // error in the image; what does not open, or is not a regular file (a FIFO would block a
+    // plain open), is refused here.
     let opened = cimg_format::reader::open_regular(&image, false)?;
     let _ = cimg_format::advise_metadata(&opened);
     let exe = std::env::current_exe().context("finding this executable")?;
@@ -298,6 +298,7 @@ fn wait_for_line(out: ChildStdout, timeout: Duration) -> std::io::Result<Option<
 }
 
 fn main() -> ExitCode {
+    cimg_fuse::set_log_prefix("cimg-mount");
     let args = Args::parse();
     let r = if args.foreground {
         foreground(&args)
