@@ -29,7 +29,7 @@ mod service;
 mod supervise;
 mod sys;
 
-/// The program: parse, run, report; the exit status. Called by [`sys::main`].
+/// The program: parse, run, report; the exit status. Called by the C `main` in `sys`.
 #[cfg_attr(test, allow(dead_code))]
 fn launch_main() -> i32 {
     let code = match plan::parse(std::env::args_os()) {
