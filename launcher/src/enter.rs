@@ -128,6 +128,44 @@ pub fn bind_read_only(root: &Root, path: &Path) -> Result<(), Error> {
         .map_err(|e| Error::setup(errno_msg(format!("cannot bind {what}"), e)))
 }
 
+/// Point standard input and output (and error, with `stderr`) at `/dev/null`: for a process
+/// that outlives launch (a server, a keeper), so that a caller reading launch's output is not
+/// held open by it.
+pub fn detach_stdio(stderr: bool) {
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        if stderr {
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+    }
+}
+
+/// The FUSE server's options for `launch`: the block cache's size if given, speculative
+/// read-ahead only if asked (the image's hot list is prefetched regardless: it is what the
+/// start-up reads), and no page-cache pushes (with them a SIGKILLed server can hang the
+/// container: see `FsOptions::store`).
+pub fn server_options(
+    cache_size: Option<u64>,
+    read_ahead: bool,
+    allow_other: bool,
+) -> cimg_fuse::MountOptions {
+    let mut opts = cimg_fuse::MountOptions {
+        allow_other,
+        ..Default::default()
+    };
+    if let Some(c) = cache_size {
+        opts.fs.cache_size = c;
+    }
+    opts.fs.read_ahead = read_ahead;
+    opts.fs.store = false;
+    opts
+}
+
 /// `/proc/self/fd/N`: a path that mount(2) follows to exactly the file `fd` refers to.
 pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))

@@ -378,15 +378,7 @@ fn server_main(listener: OwnedFd, file: fs::File, ids: (u32, u32), start: &Start
         std::process::exit(1);
     }
     let _ = setsid();
-    if let Ok(null) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        let _ = nix::unistd::dup2_stdin(&null);
-        let _ = nix::unistd::dup2_stdout(&null);
-        let _ = nix::unistd::dup2_stderr(&null);
-    }
+    enter::detach_stdio(true);
     let _ = nix::sys::signal::sigprocmask(
         nix::sys::signal::SigmaskHow::SIG_SETMASK,
         Some(&nix::sys::signal::SigSet::empty()),
@@ -422,17 +414,7 @@ fn serve(listener: OwnedFd, file: fs::File, ids: (u32, u32), start: &Start) -> R
         nix::sys::stat::Mode::empty(),
     )
     .map_err(|e| Error::fuse(errno_msg("the image server's mount", e)))?;
-    let mut opts = cimg_fuse::MountOptions {
-        allow_other: false,
-        ..Default::default()
-    };
-    if let Some(c) = start.cache_size {
-        opts.fs.cache_size = c;
-    }
-    opts.fs.read_ahead = start.read_ahead;
-    // No page-cache pushes: with them a SIGKILLed server can hang a container (see
-    // `FsOptions::store`).
-    opts.fs.store = false;
+    let mut opts = enter::server_options(start.cache_size, start.read_ahead, false);
     // The first command's files and the hot files are read into the page cache by a helper
     // process (not by the server: `cimg_fuse::warm` says why), forked while the server is
     // still single-threaded, through the mount; its reads wait behind everyone else's. Later

@@ -427,19 +427,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
             let (go_r, go_w) =
                 pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::other(errno_msg("pipe", e)))?;
-            let mut opts = cimg_fuse::MountOptions {
-                allow_other: true,
-                ..Default::default()
-            };
-            if let Some(c) = plan.cache_size {
-                opts.fs.cache_size = c;
-            }
-            // The image's hot list is still prefetched (it is what the start-up reads);
-            // speculative read-ahead only with --read-ahead.
-            opts.fs.read_ahead = plan.read_ahead;
-            // No page-cache pushes: with them a SIGKILLed server can hang the container
-            // (see `FsOptions::store`).
-            opts.fs.store = false;
+            let mut opts = enter::server_options(plan.cache_size, plan.read_ahead, true);
             opts.fs.record_hot = record_hot.clone();
             opts.fs.exec = Some(exec_hint(
                 &plan,
@@ -1153,14 +1141,7 @@ fn server_main(
         mask.add(Signal::SIGUSR1);
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)
             .map_err(|e| errno_msg("sigprocmask", e))?;
-        if let Ok(null) = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            let _ = nix::unistd::dup2_stdin(&null);
-            let _ = nix::unistd::dup2_stdout(&null);
-        }
+        enter::detach_stdio(false);
         // Launch's mount namespace, the container's, held until launch has exited: the
         // namespace's end (the FUSE unmount, and the eviction of every inode and dentry the
         // kernel holds of the image) then happens here, after launch's parent has its exit
@@ -1469,15 +1450,7 @@ fn leave_keeper(conns: &[(&OwnedFd, &'static str)], log: &Log) {
         let _ = setsid();
         let _ = nix::sys::prctl::set_name(c"cimg-keeper");
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-        if let Ok(null) = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            let _ = nix::unistd::dup2_stdin(&null);
-            let _ = nix::unistd::dup2_stdout(&null);
-            let _ = nix::unistd::dup2_stderr(&null);
-        }
+        enter::detach_stdio(true);
         keeper_main(conns)
     }
 }
