@@ -5,6 +5,7 @@
 //!
 //! This crate knows nothing of FUSE or namespaces; the FUSE driver and the launcher build on it.
 
+pub mod config;
 pub mod import;
 pub mod layout;
 pub mod output;
@@ -13,6 +14,7 @@ pub mod units;
 pub mod unpack;
 pub mod writer;
 
+pub use config::ImageConfig;
 pub use reader::{
     Attr, DirEntry, Image, OpenOptions, PARALLEL_VALIDATION_MIN, ReadAt, advise_metadata,
 };

@@ -523,7 +523,7 @@ impl Exec {
     /// Exec the command. Returns only on failure, with the exit code (127 not found, 126 not
     /// executable) and the message.
     pub fn exec(&self) -> Error {
-        use crate::plan::exit;
+        use crate::error::exit;
         let mut denied: Option<Errno> = None;
         let mut no_interpreter: Option<(&Path, PathBuf)> = None;
         for (cand, path) in &self.candidates {

@@ -2,7 +2,7 @@
 //! (user + mount namespaces, no setuid, no daemon outside the job) whose root is a `.cimg`
 //! image served by the built-in FUSE driver, or a directory.
 //!
-//! - [`plan`]: the command line → a plan (pure, unit-tested), exit codes, environment rules.
+//! - [`plan`]: the command line → a plan (pure, unit-tested), environment rules.
 //! - [`enter`]: namespaces, mounts, binds, pivot_root, exec.
 //! - [`supervise`]: the process tree (supervisor, FUSE server, app), signals, exit status.
 //! - [`service`]: the image service, one shared FUSE server per image, user and node.
@@ -10,7 +10,7 @@
 //! - [`rendezvous`]: the abstract socket names launches meet at, and whom they trust.
 //! - [`join`]: peers of one group share one container.
 //! - [`sys`]: the only module with `unsafe` (fork, and the calls no crate wraps).
-//! - [`error`]: the one error type, carrying its exit code.
+//! - [`error`]: the one error type, carrying its exit code, and the exit codes.
 
 // The entry point is `sys::main`: the C `main` without Rust's runtime set-up, which reads
 // /proc/self/maps to place a stack guard (every rank of a thousand-node job pays the

@@ -11,27 +11,6 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::error::Error;
 
-/// Exit codes of `launch` itself (the command's own status is passed through otherwise).
-pub mod exit {
-    /// A bad option or argument (clap's usage error).
-    pub const USAGE: i32 = 2;
-    /// The image cannot be used: missing, not a cimg image or directory, corrupt.
-    pub const IMAGE: i32 = 120;
-    /// Unprivileged user namespaces are not available.
-    pub const USERNS: i32 = 121;
-    /// FUSE is not available (`/dev/fuse` missing or not openable, mount refused).
-    pub const FUSE: i32 = 122;
-    /// Setting up the container's filesystem failed (a bind source or destination, the
-    /// writable layer, the root).
-    pub const SETUP: i32 = 123;
-    /// Any other failure of the launcher (refused to run setuid, the FUSE server died, ...).
-    pub const OTHER: i32 = 125;
-    /// The command was found but cannot be executed.
-    pub const NOEXEC: i32 = 126;
-    /// The command was not found in the container.
-    pub const NOTFOUND: i32 = 127;
-}
-
 const AFTER_HELP: &str = "\
 Runs CMD in an unprivileged container (user + mount namespaces) whose root is IMAGE: a .cimg
 file (served by the built-in FUSE driver) or a directory (bound). Launches of one .cimg by one
@@ -539,40 +518,6 @@ pub fn unset_env(env: &mut Env, pat: &glob::Pattern) {
     env.retain(|k, _| !pat.matches(&k.to_string_lossy()));
 }
 
-/// The image's runtime configuration, from the JSON `cimg pack` stores for OCI/Docker images.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ImageConfig {
-    /// `Env`: `NAME=VALUE` strings.
-    pub env: Vec<String>,
-    /// `WorkingDir`, if set and absolute.
-    pub working_dir: Option<PathBuf>,
-}
-
-impl ImageConfig {
-    /// Parse the stored config; unknown or malformed fields are ignored (the image was
-    /// validated when packed; a config without Env or WorkingDir just has none).
-    pub fn parse(json: &[u8]) -> ImageConfig {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
-            return ImageConfig::default();
-        };
-        let env = v
-            .get("Env")
-            .and_then(|e| e.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let working_dir = v
-            .get("WorkingDir")
-            .and_then(|w| w.as_str())
-            .filter(|w| w.starts_with('/'))
-            .map(PathBuf::from);
-        ImageConfig { env, working_dir }
-    }
-}
-
 /// Temporary `/etc/passwd` for the container: root, nobody and the user (`name`, `uid`,
 /// `gid`, home `/home/NAME`), each once.
 pub fn passwd_text(name: &str, uid: u32, gid: u32, gecos: &str) -> String {
@@ -627,6 +572,7 @@ pub fn candidates(cmd: &OsStr, path: Option<&OsStr>) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::exit;
 
     fn plan(args: &[&str]) -> Plan {
         let mut v = vec!["launch"];
@@ -781,20 +727,6 @@ mod tests {
         unset_env(&mut env, &glob::Pattern::new("SLURM_*").unwrap());
         assert_eq!(env.len(), 1);
         assert_eq!(env.get(OsStr::new("KEEP")).unwrap(), "a=b");
-    }
-
-    #[test]
-    fn image_config() {
-        let c = ImageConfig::parse(
-            br#"{"Env":["PATH=/usr/bin","X=1"],"WorkingDir":"/srv","Cmd":["sh"]}"#,
-        );
-        assert_eq!(c.env, vec!["PATH=/usr/bin", "X=1"]);
-        assert_eq!(c.working_dir, Some("/srv".into()));
-        assert_eq!(ImageConfig::parse(b"not json"), ImageConfig::default());
-        assert_eq!(
-            ImageConfig::parse(br#"{"WorkingDir":"rel"}"#).working_dir,
-            None
-        );
     }
 
     #[test]

@@ -56,9 +56,10 @@ use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2, 
 use crate::enter::{self, HostPath, Make, Root, STAGE};
 use crate::error::{Error, errno_msg};
 use crate::join::{self, JoinMode, Role};
-use crate::plan::{self, Env, EnvOp, ImageConfig, Plan};
+use crate::plan::{self, Env, EnvOp, Plan};
 use crate::service;
 use crate::sys::{Forked, fork};
+use cimg_format::ImageConfig;
 
 const FORWARDED: [Signal; 8] = [
     Signal::SIGINT,
@@ -338,15 +339,17 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         None => open_image(&plan.image)?,
     };
     let config = match &source {
-        Source::Cimg(img) => img.config().map(ImageConfig::parse),
-        Source::Shared(a) => a.config.as_deref().map(ImageConfig::parse),
+        Source::Cimg(img) => img.config().and_then(ImageConfig::parse),
+        Source::Shared(a) => a.config.as_deref().and_then(ImageConfig::parse),
         Source::Dir(_) => None,
     };
     let image_env = config
         .as_ref()
         .map(|c| c.env.clone())
         .filter(|e| !e.is_empty());
-    let image_workdir = config.and_then(|c| c.working_dir);
+    let image_workdir = config
+        .as_ref()
+        .and_then(|c| c.working_dir().map(Path::to_path_buf));
     log.v(|| format!("opened {}", plan.image.display()));
 
     // The user's ids and names, as the host knows them.
@@ -819,7 +822,7 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
             )
         });
     }
-    let config = (!config.is_empty()).then(|| ImageConfig::parse(&config));
+    let config = ImageConfig::parse(&config);
     let home = PathBuf::from("/home").join(&user_name);
     let home = (plan.home && home.is_dir()).then_some(home);
     let env = build_env(
@@ -841,7 +844,11 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
             )));
         }
         cd.clone()
-    } else if let Some(w) = config.and_then(|c| c.working_dir).filter(|w| w.is_dir()) {
+    } else if let Some(w) = config
+        .as_ref()
+        .and_then(|c| c.working_dir().map(Path::to_path_buf))
+        .filter(|w| w.is_dir())
+    {
         w
     } else if let Some(c) = host_cwd.filter(|c| c.is_dir()) {
         c
@@ -1034,7 +1041,7 @@ fn host_tmp_dir() -> PathBuf {
 /// set-up failure), it is killed and reaped; and it tells a set-up failure caused by its
 /// death (SIGKILL, OOM) from any other, so that whichever call saw the death first (the
 /// mount, a bind, the exec of the command through a dead mount) the launch ends with the
-/// documented status of a dead server ([`exit::OTHER`](crate::plan::exit::OTHER)), not
+/// documented status of a dead server ([`exit::OTHER`](crate::error::exit::OTHER)), not
 /// with that call's own.
 struct StartingServer {
     pid: Pid,

@@ -535,8 +535,10 @@ fn info(img: &Image, json: bool) -> Result<()> {
     }
     let logical = h.logical_bytes.get();
     let ratio = logical as f64 / s.image_size.max(1) as f64;
-    let config: Option<serde_json::Value> =
-        img.config().and_then(|c| serde_json::from_slice(c).ok());
+    let config: Option<serde_json::Value> = img
+        .config()
+        .and_then(cimg_format::ImageConfig::parse)
+        .and_then(|c| serde_json::to_value(c).ok());
     if json {
         let v = serde_json::json!({
             "version": format!("{}.{}", s.version.0, s.version.1),

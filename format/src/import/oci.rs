@@ -282,19 +282,9 @@ fn digest_in_name(name: &str) -> Option<String> {
         .then(|| base.to_ascii_lowercase())
 }
 
-/// The part of an image config that is stored (see the module doc).
+/// The part of an image config that is stored (see the module doc), as JSON.
 pub fn image_config(cfg: &Value) -> Option<Vec<u8>> {
-    let c = cfg.get("config").or_else(|| cfg.get("Config"))?;
-    let mut out = serde_json::Map::new();
-    for k in ["Env", "WorkingDir", "Entrypoint", "Cmd", "User"] {
-        if let Some(v) = c.get(k).filter(|v| !v.is_null()) {
-            out.insert(k.to_string(), v.clone());
-        }
-    }
-    if out.is_empty() {
-        return None;
-    }
-    serde_json::to_vec(&Value::Object(out)).ok()
+    crate::ImageConfig::from_image_config(cfg).map(|c| c.to_json())
 }
 
 fn strs(v: Option<&Value>) -> Vec<String> {
