@@ -108,14 +108,6 @@ pub fn errno(e: rustix::io::Errno) -> Errno {
     Errno::from_raw(e.raw_os_error())
 }
 
-/// The parts of `/proc` through which a process writes kernel settings or pokes hardware,
-/// made read-only in every container, as Docker and Podman do: a sysctl write is checked
-/// against the file's owner only, so a container run by the real root (uid 0 inside is
-/// uid 0 outside, even without capabilities) could otherwise set `kernel.core_pattern` (a
-/// program the kernel runs as full root on the next crash) or `vm.*`.
-pub const PROC_READ_ONLY: [&str; 4] =
-    ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"];
-
 /// Bind `path` of the container (already bound from the host) read-only onto itself.
 pub fn bind_read_only(root: &Root, path: &Path) -> Result<(), Error> {
     let what = path.display().to_string();

@@ -3,6 +3,7 @@
 //! image served by the built-in FUSE driver, or a directory.
 //!
 //! - [`plan`]: the command line → a plan (pure, unit-tested), environment rules.
+//! - [`spec`]: the container's tree as a value: the ordered mounts and files (pure).
 //! - [`enter`]: namespaces, mounts, binds, pivot_root, exec.
 //! - [`supervise`]: the process tree (supervisor, FUSE server, app), signals, exit status.
 //! - [`service`]: the image service, one shared FUSE server per image, user and node.
@@ -26,6 +27,7 @@ mod plan;
 mod protocol;
 mod rendezvous;
 mod service;
+mod spec;
 mod supervise;
 mod sys;
 

@@ -398,6 +398,11 @@ pub fn parse_bind(arg: &OsStr) -> Result<Bind, Error> {
             "--bind {shown}: destination must be an absolute path inside the image"
         ))
     })?;
+    if dst == Path::new("/") {
+        return Err(Error::setup(format!(
+            "--bind {shown}: cannot bind over the container's root (the image is the root)"
+        )));
+    }
     Ok(Bind { src, dst })
 }
 
@@ -641,6 +646,17 @@ mod tests {
     fn bad_glob_is_a_usage_error() {
         let r = parse(["launch", "--unset-env=[", "img", "--", "x"]).expect("clap");
         assert_eq!(r.unwrap_err().code(), exit::USAGE);
+    }
+
+    #[test]
+    fn a_bind_over_the_root_is_refused() {
+        for arg in ["/data:/", "/", "/x:/a/..", "/x:/./"] {
+            let e = parse_bind(OsStr::new(arg)).unwrap_err();
+            assert!(
+                e.to_string().contains("over the container's root"),
+                "{arg}: {e}"
+            );
+        }
     }
 
     #[test]

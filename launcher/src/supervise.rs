@@ -58,6 +58,7 @@ use crate::error::{Error, errno_msg};
 use crate::join::{self, JoinMode, Role};
 use crate::plan::{self, Env, EnvOp, Plan};
 use crate::service;
+use crate::spec;
 use crate::sys::{Forked, fork};
 use cimg_format::ImageConfig;
 
@@ -363,37 +364,40 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
 
     // Everything from the host that goes into the container, opened before anything is
     // mounted (in this namespace: a bind's source must be a mount of it).
-    let dev = HostPath::open(Path::new("/dev"), "host")?;
-    let proc_ = HostPath::open(Path::new("/proc"), "host")?;
-    let sys = HostPath::open(Path::new("/sys"), "host")?;
-    let etc: Vec<(&str, HostPath)> = ["/etc/hosts", "/etc/resolv.conf", "/etc/machine-id"]
-        .into_iter()
-        .filter_map(|p| HostPath::open_optional(Path::new(p)).map(|h| (p, h)))
-        .collect();
-    let host_tmp = if plan.private_tmp {
-        None
-    } else {
-        Some(HostPath::open(&host_tmp_dir(), "host temporary directory")?)
-    };
     let user_name = user
         .as_ref()
         .map(|u| u.name.clone())
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| format!("user{uid}"));
-    let home = if plan.home {
-        let h = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .or_else(|| user.as_ref().map(|u| u.dir.clone()))
-            .ok_or_else(|| Error::setup("--home: HOME is not set".into()))?;
-        Some(HostPath::open(&h, "--home")?)
-    } else {
-        None
+    let hosts = Hosts::open(&plan, user.as_ref())?;
+    let passwd = plan.passwd.then(|| {
+        let group_name = Group::from_gid(gid)
+            .ok()
+            .flatten()
+            .map(|g| g.name)
+            .unwrap_or_else(|| user_name.clone());
+        let gecos = user
+            .as_ref()
+            .map(|u| u.gecos.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (
+            plan::passwd_text(&user_name, in_uid, in_gid, &gecos),
+            plan::group_text(&group_name, in_gid),
+        )
+    });
+    let container = spec::ContainerSpec {
+        writable: plan.write_fake.is_some(),
+        private_tmp: plan.private_tmp,
+        home: plan.home.then(|| user_name.clone()),
+        binds: plan
+            .binds
+            .iter()
+            .zip(&hosts.binds)
+            .map(|(b, (h, _))| (b.clone(), h.is_dir))
+            .collect(),
+        host_etc: std::array::from_fn(|i| hosts.etc[i].is_some()),
+        passwd,
     };
-    let binds = plan
-        .binds
-        .iter()
-        .map(|b| Ok((HostPath::open(&b.src, "--bind")?, b)))
-        .collect::<Result<Vec<_>, Error>>()?;
     let env_files = read_env_files(&plan)?;
     let record_hot = match &plan.record_hot {
         Some(p) => Some(std::path::absolute(p).map_err(|e| {
@@ -569,92 +573,15 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             log.v(|| "writable overlay mounted".into());
         }
         let root = Root::open(&root_dir, writable)?;
-
-        sys.read_only("/sys")?;
-        for (p, host) in [("/dev", &dev), ("/proc", &proc_), ("/sys", &sys)] {
-            let t = root.target(Path::new(p), Make::Dir, "standard bind")?;
-            host.attach(&t, p)?;
+        let tree = spec::mounts(&container, &root);
+        for w in &tree.warnings {
+            log.warn(|| w.clone());
         }
-        for p in enter::PROC_READ_ONLY {
-            if root.exists(Path::new(p)) {
-                enter::bind_read_only(&root, Path::new(p))?;
-            }
+        for n in &tree.notes {
+            log.v(|| n.clone());
         }
-        for (p, host) in &etc {
-            let p = Path::new(p);
-            if root.exists(p) {
-                let t = root.target(p, Make::No, "standard bind")?;
-                host.attach(&t, &p.display().to_string())?;
-                let t = root.target(p, Make::No, "standard bind")?;
-                enter::remount_ro(&t, &p.display().to_string())?;
-            }
-        }
-        let tmp = Path::new("/tmp");
-        if plan.private_tmp {
-            let t = root.target(tmp, Make::Dir, "--private-tmp")?;
-            enter::mount_tmpfs(&enter::fd_path(&t), "mode=1777", "--private-tmp")?;
-        } else if let Some(h) = &host_tmp {
-            if root.is_dir(tmp) || writable {
-                let t = root.target(tmp, Make::Dir, "/tmp")?;
-                h.attach(&t, "/tmp")?;
-            } else {
-                log.warn(|| "the image has no /tmp: the host's is not bound".into());
-            }
-        }
-        let mut container_home = None;
-        if let Some(h) = &home {
-            let t = root.target(Path::new("/home"), Make::Dir, "--home")?;
-            enter::mount_tmpfs(&enter::fd_path(&t), "mode=0755,size=1m", "--home")?;
-            let dir = PathBuf::from("/home").join(&user_name);
-            let parent = root
-                .resolve(Path::new("/home"), OFlag::O_PATH | OFlag::O_DIRECTORY)
-                .map_err(|e| Error::setup(errno_msg("--home: /home", e)))?;
-            nix::sys::stat::mkdirat(
-                std::os::fd::AsFd::as_fd(&parent),
-                user_name.as_str(),
-                nix::sys::stat::Mode::from_bits_truncate(0o755),
-            )
-            .map_err(|e| Error::setup(errno_msg(format!("--home: {}", dir.display()), e)))?;
-            let t = root.target(&dir, Make::No, "--home")?;
-            h.attach(&t, "--home")?;
-            container_home = Some(dir);
-        }
-        for (host, b) in &binds {
-            let what = format!("--bind {}:{}", b.src.display(), b.dst.display());
-            let make = if host.is_dir { Make::Dir } else { Make::File };
-            let t = root.target(&b.dst, make, &what)?;
-            host.attach(&t, &what)?;
-        }
-        if plan.passwd {
-            let group_name = Group::from_gid(gid)
-                .ok()
-                .flatten()
-                .map(|g| g.name)
-                .unwrap_or_else(|| user_name.clone());
-            let gecos = user
-                .as_ref()
-                .map(|u| u.gecos.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let files = [
-                (
-                    "passwd",
-                    plan::passwd_text(&user_name, in_uid, in_gid, &gecos),
-                ),
-                ("group", plan::group_text(&group_name, in_gid)),
-            ];
-            for (name, text) in files {
-                let staged = stage.join(name);
-                enter::write_file(&staged, &text)?;
-                let p = PathBuf::from("/etc").join(name);
-                if root.exists(&p) || writable {
-                    let src = HostPath::open(&staged, "staged")?;
-                    let t = root.target(&p, Make::File, &format!("/etc/{name}"))?;
-                    src.attach(&t, &p.display().to_string())?;
-                } else {
-                    log.v(|| format!("the image has no {}: not written", p.display()));
-                }
-            }
-        }
+        carry_out(&root, &tree.mounts, &hosts, stage)?;
+        let container_home = tree.home;
 
         // The environment.
         let env = build_env(
@@ -710,7 +637,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         Err(e) => return Err(fail(&mut server, &fuse_root, e)),
     };
     log.v(|| format!("container ready, cwd {}", built.cwd.display()));
-    drop((dev, proc_, sys, etc, host_tmp, home, binds));
+    drop(hosts);
 
     // Launch itself moves into the container (pivot_root in this namespace; the staging
     // area and the host's root are detached), so the app needs no namespace of its own and
@@ -755,6 +682,146 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         conns,
     };
     supervise(&sfd, app, watch, &log)
+}
+
+/// The host paths a container gets ([`spec::HostSource`]), opened (cloned as detached mount
+/// trees) before anything is mounted in launch's namespace.
+struct Hosts {
+    dev: HostPath,
+    proc_: HostPath,
+    sys: HostPath,
+    etc: [Option<HostPath>; 3],
+    tmp: Option<HostPath>,
+    home: Option<HostPath>,
+    /// The user's binds, with the option as errors name it (`--bind SRC:DST`).
+    binds: Vec<(HostPath, String)>,
+}
+
+impl Hosts {
+    fn open(plan: &Plan, user: Option<&User>) -> Result<Hosts, Error> {
+        let sys = HostPath::open(Path::new("/sys"), "host")?;
+        // All of /sys read-only, submounts included, before it is attached.
+        sys.read_only("/sys")?;
+        let home = if plan.home {
+            let h = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .or_else(|| user.map(|u| u.dir.clone()))
+                .ok_or_else(|| Error::setup("--home: HOME is not set".into()))?;
+            Some(HostPath::open(&h, "--home")?)
+        } else {
+            None
+        };
+        Ok(Hosts {
+            dev: HostPath::open(Path::new("/dev"), "host")?,
+            proc_: HostPath::open(Path::new("/proc"), "host")?,
+            sys,
+            etc: spec::HOST_ETC.map(|p| HostPath::open_optional(Path::new(p))),
+            tmp: if plan.private_tmp {
+                None
+            } else {
+                Some(HostPath::open(&host_tmp_dir(), "host temporary directory")?)
+            },
+            home,
+            binds: plan
+                .binds
+                .iter()
+                .map(|b| {
+                    let what = format!("--bind {}:{}", b.src.display(), b.dst.display());
+                    Ok((HostPath::open(&b.src, "--bind")?, what))
+                })
+                .collect::<Result<_, Error>>()?,
+        })
+    }
+
+    fn get(&self, src: spec::HostSource) -> Option<&HostPath> {
+        use spec::HostSource as S;
+        match src {
+            S::Dev => Some(&self.dev),
+            S::Proc => Some(&self.proc_),
+            S::Sys => Some(&self.sys),
+            S::Etc(i) => self.etc.get(i)?.as_ref(),
+            S::Tmp => self.tmp.as_ref(),
+            S::Home => self.home.as_ref(),
+            S::Bind(i) => self.binds.get(i).map(|(h, _)| h),
+        }
+    }
+}
+
+impl spec::ImageView for Root {
+    fn exists(&self, p: &Path) -> bool {
+        Root::exists(self, p)
+    }
+    fn is_dir(&self, p: &Path) -> bool {
+        Root::is_dir(self, p)
+    }
+}
+
+/// Carry out the container's tree ([`spec::mounts`]) on `root`, staging written files in
+/// `stage`.
+fn carry_out(
+    root: &Root,
+    mounts: &[spec::Mount],
+    hosts: &Hosts,
+    stage: &Path,
+) -> Result<(), Error> {
+    use spec::Mount as M;
+    for m in mounts {
+        match m {
+            M::Host {
+                src,
+                dst,
+                make,
+                read_only,
+            } => {
+                let what = match src {
+                    spec::HostSource::Bind(i) => hosts.binds[*i].1.clone(),
+                    _ => dst.display().to_string(),
+                };
+                let Some(h) = hosts.get(*src) else {
+                    continue;
+                };
+                let t = root.target(dst, *make, &what)?;
+                h.attach(&t, &what)?;
+                if *read_only {
+                    let t = root.target(dst, Make::No, &what)?;
+                    enter::remount_ro(&t, &what)?;
+                }
+            }
+            M::ReadOnly(p) => {
+                if root.exists(p) {
+                    enter::bind_read_only(root, p)?;
+                }
+            }
+            M::Tmpfs { dst, opts } => {
+                let what = dst.display().to_string();
+                let t = root.target(dst, Make::Dir, &what)?;
+                enter::mount_tmpfs(&enter::fd_path(&t), opts, &what)?;
+            }
+            M::Mkdir(dir) => {
+                let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+                    continue;
+                };
+                let p = root
+                    .resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
+                    .map_err(|e| Error::setup(errno_msg(parent.display(), e)))?;
+                nix::sys::stat::mkdirat(
+                    std::os::fd::AsFd::as_fd(&p),
+                    name,
+                    nix::sys::stat::Mode::from_bits_truncate(0o755),
+                )
+                .map_err(|e| Error::setup(errno_msg(dir.display(), e)))?;
+            }
+            M::File { name, text, dst } => {
+                let staged = stage.join(name);
+                enter::write_file(&staged, text)?;
+                let src = HostPath::open(&staged, "staged")?;
+                let what = dst.display().to_string();
+                let t = root.target(dst, Make::File, &what)?;
+                src.attach(&t, &what)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run the command in a container that exists: a group's (through a peer inside) or a
