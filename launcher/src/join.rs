@@ -7,10 +7,10 @@
 //!
 //! - The first peer binds the name (the atomic election) and creates the container; its FUSE
 //!   server inherits the listening socket and runs [`serve_group`] in a thread.
-//! - A peer that finds the name bound connects and asks to join (`J COUNT IMAGE`). The
+//! - A peer that finds the name bound connects and asks to join ([`JoinRequest::Join`]). The
 //!   server answers with a pidfd of a peer already inside (`SCM_RIGHTS`) and the image's
 //!   config; the newcomer enters with `setns(pidfd, CLONE_NEWUSER | CLONE_NEWNS)`, says so
-//!   (`R`), starts its command, and keeps the connection open for as long as it lives.
+//!   ([`JoinRequest::Inside`]), starts its command, and keeps the connection open for as long as it lives.
 //! - The creator, once its command runs, moves into the container's mount namespace too and
 //!   registers the same way. So every registered peer is inside, and a closed connection
 //!   means that peer is gone; if the server itself dies, every peer sees end of file.
@@ -19,10 +19,8 @@
 //!   make a new container). Peers that overlap in time share; the container lives as long as
 //!   any of their processes, whichever peer created it.
 
-use std::ffi::OsStr;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,6 +34,7 @@ use nix::unistd::{Uid, read, write};
 
 use crate::error::{Error, errno_msg};
 use crate::plan::Plan;
+use crate::protocol::{self, JoinReply, JoinRequest};
 use crate::rendezvous::{self, same_user};
 
 /// How a launch relates to others.
@@ -284,13 +283,6 @@ pub fn rendezvous(tag: &str, count: u32, image: &Path) -> Result<Role, Error> {
     }
 }
 
-fn request(kind: char, count: u32, image: &Path) -> Vec<u8> {
-    let mut m = format!("{kind} {count} ").into_bytes();
-    m.extend_from_slice(image.as_os_str().as_bytes());
-    m.push(b'\n');
-    m
-}
-
 /// Ask the server to join: `Some((pidfd, config))`, or `None` if the connection closed first.
 fn ask(
     s: &OwnedFd,
@@ -298,7 +290,11 @@ fn ask(
     count: u32,
     image: &Path,
 ) -> Result<Option<(OwnedFd, Vec<u8>)>, Error> {
-    if write(s, &request('J', count, image)).is_err() {
+    let req = JoinRequest::Join {
+        count,
+        image: image.to_path_buf(),
+    };
+    if write(s, &protocol::line(&req)).is_err() {
         return Ok(None);
     }
     // Wait (bounded) for the answer: the creator may still be building the container.
@@ -346,20 +342,23 @@ fn ask(
         (msg.bytes, crate::sys::own_fds(fds))
     };
     let reply = &buf[..n];
-    match reply.first() {
-        None => Ok(None),
-        Some(b'K') => {
+    if reply.is_empty() {
+        return Ok(None);
+    }
+    let reply = reply.strip_suffix(b"\n").unwrap_or(reply);
+    match protocol::parse_line::<JoinReply>(reply) {
+        Some(JoinReply::Enter { config }) => {
             let pidfd = fds
                 .into_iter()
                 .next()
                 .ok_or_else(|| Error::other(format!("join {tag}: the server sent no process")))?;
-            Ok(Some((pidfd, reply[1..].to_vec())))
+            Ok(Some((
+                pidfd,
+                config.map(String::into_bytes).unwrap_or_default(),
+            )))
         }
-        Some(b'E') => Err(Error::usage(format!(
-            "join {tag}: {}",
-            String::from_utf8_lossy(&reply[1..]).trim()
-        ))),
-        Some(_) => Err(Error::other(format!(
+        Some(JoinReply::Refused(why)) => Err(Error::usage(format!("join {tag}: {why}"))),
+        None => Err(Error::other(format!(
             "join {tag}: unexpected answer from the server"
         ))),
     }
@@ -368,7 +367,7 @@ fn ask(
 /// Tell the server this peer is inside (the joiner after setns, the creator after moving
 /// into its app's mount namespace).
 pub fn register(conn: &OwnedFd) -> Result<(), Error> {
-    write(conn, b"R\n")
+    write(conn, &protocol::line(&JoinRequest::Inside))
         .map(|_| ())
         .map_err(|e| Error::other(errno_msg("join: register", e)))
 }
@@ -389,8 +388,11 @@ pub fn connect_creator(
     .map_err(|e| Error::other(errno_msg("join: socket", e)))?;
     connect(s.as_raw_fd(), addr)
         .map_err(|e| Error::other(errno_msg(format!("join {tag}: connect"), e)))?;
-    write(&s, &request('C', count, image))
-        .map_err(|e| Error::other(errno_msg("join: register", e)))?;
+    let req = JoinRequest::Creator {
+        count,
+        image: image.to_path_buf(),
+    };
+    write(&s, &protocol::line(&req)).map_err(|e| Error::other(errno_msg("join: register", e)))?;
     Ok(s)
 }
 
@@ -487,23 +489,30 @@ pub fn serve_group(listener: OwnedFd, count: u32, image: PathBuf, config: Vec<u8
             while let Some(nl) = p.buf.iter().position(|&c| c == b'\n') {
                 let line: Vec<u8> = p.buf.drain(..=nl).collect();
                 let line = &line[..line.len() - 1];
-                match (line.first(), &p.state) {
-                    (Some(b'R'), State::Entering) => {
+                let req = protocol::parse_line::<JoinRequest>(line);
+                match (req, &p.state) {
+                    (Some(JoinRequest::Inside), State::Entering) => {
                         p.state = State::Inside;
                         registered += 1;
                     }
-                    (Some(k @ (b'J' | b'C')), State::New) => match check(line, count, &image) {
-                        Err(msg) => {
-                            let _ = write(&p.fd, format!("E{msg}").as_bytes());
-                            p.state = State::Entering; // closed below by the client
-                            p.buf.clear();
+                    (
+                        Some(r @ (JoinRequest::Join { .. } | JoinRequest::Creator { .. })),
+                        State::New,
+                    ) => {
+                        let creator = matches!(r, JoinRequest::Creator { .. });
+                        match check(&r, count, &image) {
+                            Err(msg) => {
+                                let _ = write(&p.fd, &protocol::line(&JoinReply::Refused(msg)));
+                                p.state = State::Entering; // closed below by the client
+                                p.buf.clear();
+                            }
+                            Ok(()) if creator => {
+                                p.state = State::Inside;
+                                registered += 1;
+                            }
+                            Ok(()) => p.state = State::Waiting,
                         }
-                        Ok(()) if *k == b'C' => {
-                            p.state = State::Inside;
-                            registered += 1;
-                        }
-                        Ok(()) => p.state = State::Waiting,
-                    },
+                    }
                     _ => p.buf.clear(),
                 }
             }
@@ -520,8 +529,10 @@ pub fn serve_group(listener: OwnedFd, count: u32, image: PathBuf, config: Vec<u8
                     let Ok(pidfd) = crate::enter::pidfd_open(pid) else {
                         continue;
                     };
-                    let mut msg = b"K".to_vec();
-                    msg.extend_from_slice(&config);
+                    let msg = protocol::line(&JoinReply::Enter {
+                        config: (!config.is_empty())
+                            .then(|| String::from_utf8_lossy(&config).into_owned()),
+                    });
                     let fds = [pidfd.as_raw_fd()];
                     let cmsg = [ControlMessage::ScmRights(&fds)];
                     if sendmsg::<UnixAddr>(
@@ -563,27 +574,28 @@ pub fn serve_group(listener: OwnedFd, count: u32, image: PathBuf, config: Vec<u8
     }
 }
 
-/// Check a `J`/`C` request: the same count and image as the group's.
-fn check(line: &[u8], count: u32, image: &Path) -> Result<(), String> {
-    let text = &line[1..];
-    let text = text.strip_prefix(b" ").unwrap_or(text);
-    let (n, img) = match text.iter().position(|&c| c == b' ') {
-        Some(i) => (&text[..i], &text[i + 1..]),
-        None => return Err("malformed request".into()),
+/// Check a request to join: the same count and image as the group's.
+fn check(req: &JoinRequest, count: u32, image: &Path) -> Result<(), String> {
+    let (JoinRequest::Join {
+        count: n,
+        image: img,
+    }
+    | JoinRequest::Creator {
+        count: n,
+        image: img,
+    }) = req
+    else {
+        return Err("not a request to join".into());
     };
-    let n: u32 = std::str::from_utf8(n)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .ok_or("malformed count")?;
-    if n != count {
+    if *n != count {
         return Err(format!(
             "this peer says the group has {n} peers, the group was made for {count}"
         ));
     }
-    if Path::new(OsStr::from_bytes(img)) != image {
+    if img != image {
         return Err(format!(
             "this peer runs {}, the group's container is {}",
-            String::from_utf8_lossy(img),
+            img.display(),
             image.display()
         ));
     }
@@ -688,26 +700,32 @@ mod tests {
     #[test]
     fn requests_are_checked() {
         let img = Path::new("/a/img.cimg");
+        let join = |count, image: &str| JoinRequest::Join {
+            count,
+            image: image.into(),
+        };
+        assert!(check(&join(4, "/a/img.cimg"), 4, img).is_ok());
         assert!(
-            check(
-                &request('J', 4, img)[..request('J', 4, img).len() - 1],
-                4,
-                img
-            )
-            .is_ok()
-        );
-        let r = request('J', 3, img);
-        assert!(
-            check(&r[..r.len() - 1], 4, img)
+            check(&join(3, "/a/img.cimg"), 4, img)
                 .unwrap_err()
                 .contains("3 peers")
         );
-        let r = request('J', 4, Path::new("/b.cimg"));
         assert!(
-            check(&r[..r.len() - 1], 4, img)
+            check(&join(4, "/b.cimg"), 4, img)
                 .unwrap_err()
                 .contains("/b.cimg")
         );
-        assert!(check(b"J", 4, img).is_err());
+        assert!(check(&JoinRequest::Inside, 4, img).is_err());
+        // On the wire: one JSON line each, parsed back; anything else is no request.
+        let line = protocol::line(&join(4, "/a/img.cimg"));
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(
+            protocol::parse_line::<JoinRequest>(&line[..line.len() - 1]),
+            Some(join(4, "/a/img.cimg"))
+        );
+        assert_eq!(
+            protocol::parse_line::<JoinRequest>(b"J 4 /a/img.cimg"),
+            None
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! The messages between a launch and its image's server ([`crate::service`]): one typed enum
-//! each way, one message per `SOCK_SEQPACKET` datagram (JSON, at most [`MAX_MESSAGE`] bytes),
-//! descriptors passed alongside with `SCM_RIGHTS`.
+//! Everything that crosses a process boundary between launches and their servers, typed:
+//! a launch and its image's server ([`crate::service`]: [`Request`], [`Reply`], one message
+//! per `SOCK_SEQPACKET` datagram, JSON of at most [`MAX_MESSAGE`] bytes), and the peers of a
+//! join group and the group's server ([`crate::join`]: [`JoinRequest`], [`JoinReply`], JSON
+//! lines on a stream socket). Descriptors pass alongside with `SCM_RIGHTS`.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -80,6 +82,94 @@ pub struct Status {
     pub idle_ms: u64,
     /// How long it lingers once idle.
     pub linger_ms: u64,
+}
+
+/// From a peer of a join group to the group's server (`crate::join`), one JSON line each on
+/// a stream socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRequest {
+    /// Let me into the group's container (`count` peers per node, running `image`).
+    Join {
+        /// Peers per node, as this peer sees it.
+        count: u32,
+        /// The image path, made absolute.
+        image: PathBuf,
+    },
+    /// The creator, inside its container, registers.
+    Creator {
+        /// Peers per node.
+        count: u32,
+        /// The image path, made absolute.
+        image: PathBuf,
+    },
+    /// This joiner is inside now.
+    Inside,
+}
+
+/// From a join group's server to a peer that asked to join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinReply {
+    /// Enter through the process whose pidfd comes with this message; the image's config.
+    Enter {
+        /// The image config (JSON), if any.
+        config: Option<String>,
+    },
+    /// The peer does not belong to this group: why.
+    Refused(String),
+}
+
+/// The start-up of a private mount's FUSE server (`supervise`), over two pipes: the server
+/// says [`Startup::Left`] and [`Startup::Ready`], launch says [`Startup::Go`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Startup {
+    /// The server has left launch's mount namespace: launch may mount.
+    Left,
+    /// The filesystem is mounted: serve it. `root_fd` is launch's descriptor of the mount's
+    /// root, which the server's read-ahead helper reads through (`/proc/LAUNCH/fd/N`).
+    Go {
+        /// Launch's descriptor number of the mount's root.
+        root_fd: Option<u32>,
+    },
+    /// The server answered the kernel's handshake and serves.
+    Ready,
+}
+
+/// Write `msg` to the pipe `fd` as one line (one write, shorter than `PIPE_BUF`: atomic).
+pub fn write_line<T: Serialize>(fd: BorrowedFd<'_>, msg: &T) -> Result<(), Errno> {
+    nix::unistd::write(fd, &line(msg)).map(|_| ())
+}
+
+/// Read one line from the pipe `fd` (its writer sends one at a time and waits for an
+/// answer) and parse it; `None` at end of file or on anything else.
+pub fn read_line<T: for<'de> Deserialize<'de>>(fd: BorrowedFd<'_>) -> Option<T> {
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => return None,
+            Ok(n) => {
+                got += n;
+                if buf[..got].ends_with(b"\n") {
+                    return parse_line(&buf[..got - 1]);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// `msg` as one line of JSON (compact JSON has no raw newline), for a stream socket.
+pub fn line<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(msg).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// One line of JSON (without its newline) parsed, or `None`.
+pub fn parse_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Option<T> {
+    serde_json::from_slice(line).ok()
 }
 
 /// Send `msg` with `fds` on the datagram socket `fd`, without blocking: a peer that does not

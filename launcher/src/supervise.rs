@@ -57,6 +57,7 @@ use crate::enter::{self, HostPath, Make, Root, STAGE};
 use crate::error::{Error, errno_msg};
 use crate::join::{self, JoinMode, Role};
 use crate::plan::{self, Env, EnvOp, Plan};
+use crate::protocol::{self, Startup};
 use crate::service;
 use crate::spec;
 use crate::sys::{Forked, fork};
@@ -455,7 +456,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
                 Forked::Parent(pid) => {
                     drop((ready_w, go_r));
                     let mut s = StartingServer::new(pid);
-                    s.wait_byte(&ready_r)?;
+                    s.wait_for(&ready_r, Startup::Left)?;
                     server = Some((s, ready_r, go_w));
                     fuse_fd = Some(fuse);
                 }
@@ -504,13 +505,14 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             // /dev/fuse can be read only once it is mounted: now the server may start. It
             // is told the number of launch's descriptor of the mount, to read the program's
             // files ahead through it (see `server_main`).
-            let go = match &fuse_root {
-                Some(r) => format!("g{}", r.as_raw_fd()),
-                None => "g".to_string(),
+            let go = Startup::Go {
+                root_fd: fuse_root
+                    .as_ref()
+                    .and_then(|r| u32::try_from(r.as_raw_fd()).ok()),
             };
-            nix::unistd::write(&*go_w, go.as_bytes())
+            protocol::write_line(go_w.as_fd(), &go)
                 .map_err(|e| Error::other(errno_msg("pipe", e)))?;
-            srv.wait_byte(ready_r)?;
+            srv.wait_for(ready_r, Startup::Ready)?;
             drop(fuse);
             log.v(|| "FUSE server answered".into());
         }
@@ -1121,27 +1123,21 @@ impl StartingServer {
         StartingServer { pid, reaped: false }
     }
 
-    /// Wait for one byte from the server (it has left the mount namespace / finished its
+    /// Wait for the server to say `what` (it has left the mount namespace, or finished its
     /// handshake); end of file means it failed (it printed why) or was killed.
-    fn wait_byte(&mut self, fd: &OwnedFd) -> Result<(), Error> {
-        let mut b = [0u8; 1];
-        loop {
-            match nix::unistd::read(fd, &mut b) {
-                Ok(1) => return Ok(()),
-                Err(Errno::EINTR) => continue,
-                _ => {
-                    // End of file: the server is exiting, killed or on its own.
-                    let e = Error::fuse("the FUSE server failed to start".into());
-                    let how = self.ended_within(std::time::Duration::from_millis(500));
-                    return Err(match how {
-                        Some(how) if how.starts_with("signal") => Error::other(format!(
-                            "the FUSE server ended ({how}) while the container was being set up"
-                        )),
-                        _ => e,
-                    });
-                }
-            }
+    fn wait_for(&mut self, fd: &OwnedFd, what: Startup) -> Result<(), Error> {
+        if protocol::read_line::<Startup>(fd.as_fd()).is_some_and(|m| m == what) {
+            return Ok(());
         }
+        // End of file: the server is exiting, killed or on its own.
+        let e = Error::fuse("the FUSE server failed to start".into());
+        let how = self.ended_within(std::time::Duration::from_millis(500));
+        Err(match how {
+            Some(how) if how.starts_with("signal") => Error::other(format!(
+                "the FUSE server ended ({how}) while the container was being set up"
+            )),
+            _ => e,
+        })
     }
 
     /// How the server ended, if it has (waiting at most `wait` for it to).
@@ -1224,7 +1220,7 @@ fn server_main(
         // its last process; if this process dies, the kernel drops it.
         let container_ns = fs::File::open("/proc/self/ns/mnt").ok();
         unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
-        nix::unistd::write(&ready, b"u").map_err(|e| errno_msg("pipe", e))?;
+        protocol::write_line(ready.as_fd(), &Startup::Left).map_err(|e| errno_msg("pipe", e))?;
         // The command's files and the hot files are read ahead into the page cache by a
         // process of their own (`cimg_fuse::warm` says why not by this one), forked while
         // this one is single-threaded, when a core is to spare, and while launch mounts (not
@@ -1244,16 +1240,11 @@ fn server_main(
                 Err(_) => {}
             }
         }
-        // "g", then the number of launch's descriptor of the mount's root, if it has one
-        // (one write of a few bytes: one read).
-        let mut b = [0u8; 16];
-        let go_msg = match nix::unistd::read(&go, &mut b) {
-            Ok(n) if n >= 1 && b[0] == b'g' => &b[1..n],
+        // Launch has mounted; with the number of its descriptor of the mount's root.
+        let root_fd = match protocol::read_line::<Startup>(go.as_fd()) {
+            Some(Startup::Go { root_fd }) => root_fd,
             _ => return Err("launch did not mount the filesystem".into()),
         };
-        let root_fd: Option<u32> = std::str::from_utf8(go_msg)
-            .ok()
-            .and_then(|t| t.parse().ok());
         drop(go);
         // The helper learns the descriptor (or, without one, sees end of file and exits);
         // its reads wait behind everyone else's.
@@ -1286,7 +1277,7 @@ fn server_main(
                 drop(container_ns);
             })
             .map_err(|e| e.to_string())?;
-        nix::unistd::write(&ready, b"r").map_err(|e| errno_msg("pipe", e))?;
+        protocol::write_line(ready.as_fd(), &Startup::Ready).map_err(|e| errno_msg("pipe", e))?;
         drop(ready);
         if let Some(pid) = helper {
             // Reaped as soon as it is done, so that it does not stay a zombie for as long as
