@@ -46,7 +46,6 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::kill;
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, accept4, bind, connect, listen, socket,
 };
@@ -118,7 +117,8 @@ impl Key {
 
     /// The key as a socket name's last part.
     fn name(&self) -> String {
-        let text = format!("{self:?}");
+        // A server of another build of launch may speak another protocol: it is not shared.
+        let text = format!("{} {self:?}", env!("CARGO_PKG_VERSION"));
         format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
     }
 }
@@ -698,19 +698,21 @@ pub fn servers() -> Vec<(Status, OwnedFd)> {
     out
 }
 
-/// Stop a server through its connection; waits (bounded) until it has gone.
-pub fn stop(status: &Status, conn: &OwnedFd) -> bool {
+/// Stop a server through its connection; waits (bounded) until it has exited. The wait is
+/// on the server's pidfd (readable once it has exited, reaped or not: the server is nobody's
+/// child here, and some init processes reap late).
+pub fn stop(conn: &OwnedFd) -> bool {
+    let pidfd = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerPidfd).ok();
     if protocol::send(conn.as_fd(), &Request::Stop, &[]).is_err() {
         return false;
     }
-    let t = Instant::now();
-    while t.elapsed() < ANSWER {
-        if kill(Pid::from_raw(status.pid), None).is_err() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
+    let Some(pidfd) = pidfd else {
+        // No pidfd (an old kernel): its connection's end is the next best sign.
+        return crate::join::closed_within(conn.as_fd(), ANSWER);
+    };
+    let mut pfd = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(ANSWER.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut pfd, ms), Ok(n) if n > 0)
 }
 
 /// `CIMG_LINGER` or `--linger`: seconds, or a number with `s`, `m` or `h`.

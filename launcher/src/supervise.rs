@@ -220,7 +220,7 @@ fn manage(m: &plan::Manage, log: &Log) -> Result<i32, Error> {
                 if want.as_ref().is_some_and(|w| *w != resolve(&st.image)) {
                     continue;
                 }
-                if service::stop(st, conn) {
+                if service::stop(conn) {
                     log.v(|| format!("stopped {}", service::status_line(st)));
                 } else {
                     return Err(Error::other(format!(

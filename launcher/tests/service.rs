@@ -11,6 +11,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The tests of this file, one at a time: `--stop-all` ends every server of the user,
+/// another test's too, and the timing of a linger must not be cut short by it.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A private copy of the test image in a directory of its own (removed on drop), so that its
 /// servers and processes are this test's alone.
 struct Image {
@@ -107,6 +114,7 @@ fn launches_share_one_mount_in_distinct_namespaces() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("share");
     let script = "stat -c %d /; readlink /proc/self/ns/mnt";
     ok(&img.run("60", &[], "true"));
@@ -152,6 +160,7 @@ fn twenty_simultaneous_launches_use_one_server() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("twenty");
     let release = tempfile::tempdir_in("/tmp").unwrap();
     let go = release.path().join("go");
@@ -193,6 +202,7 @@ fn containers_of_one_server_are_isolated() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("isolated");
     let host = tempfile::tempdir_in("/var/tmp").unwrap();
     fs::write(host.path().join("only-in-a"), "a").unwrap();
@@ -227,6 +237,7 @@ fn linger_expiry_leaves_nothing() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("linger");
     let t = Instant::now();
     ok(&img.run("2", &[], "true"));
@@ -294,6 +305,7 @@ fn servers_stop_and_stop_all() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let (a, b) = (Image::new("stop-a"), Image::new("stop-b"));
     ok(&a.run("60", &[], "true"));
     let running = b.spawn("60", &[], "echo up; exec sleep 30");
@@ -329,6 +341,7 @@ fn a_replaced_image_is_served_fresh() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("replace");
     assert_eq!(
         ok(&img.run("60", &[], "cat /srv/work/marker")),
@@ -368,6 +381,7 @@ fn sigkill_of_the_server_during_and_between_runs() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("sigkill");
     let kill = |pid: u32| {
         nix::sys::signal::kill(
@@ -415,6 +429,7 @@ fn a_stopped_server_does_not_hang_the_next_launch() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("sigstop");
     ok(&img.run("60", &[], "true"));
     let s = img.servers();
@@ -442,6 +457,7 @@ fn two_users_get_two_servers_and_cannot_reach_each_other() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("users");
     ok(&img.run("60", &[], "true"));
     let root_server = img.servers();
@@ -519,6 +535,7 @@ fn a_squatted_service_name_is_skipped() {
     if !capable() {
         return;
     }
+    let _serial = serial();
     let img = Image::new("squat");
     ok(&img.run("60", &[], "true"));
     let pid = img.servers()[0];
