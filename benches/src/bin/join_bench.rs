@@ -261,8 +261,11 @@ fn main() -> Result<()> {
     println!("  join:    {l} --join-ct N --join-tag TAG {img} -- /bin/true");
     println!("  no join: {l} --no-join {img} -- /bin/true");
     println!("  private: {l} --private --no-join {img} -- /bin/true");
-    println!("  (CIMG_LINGER={LINGER} for every launch; the server started by one launch first)");
     println!("  floor:   unshare -Urm /bin/true");
+    println!(
+        "  (CIMG_LINGER={LINGER} for every launch; the shared server started by one launch first, \
+         and counted among the servers of every mode)"
+    );
     service::stop_all(&launch)?;
     if let Some(j) = &args.json {
         std::fs::write(j, serde_json::to_vec_pretty(&rows)?)
