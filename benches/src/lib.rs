@@ -525,10 +525,14 @@ pub mod service {
     /// The linger given to every timed launch, so that no server ends during a benchmark.
     pub const LINGER: &str = "1h";
 
-    /// `launch --stop-all`: end every image server of this user (the benchmarks start and
-    /// end with it, and cold runs need it).
-    pub fn stop_all(launch: &Path) -> Result<()> {
-        super::run_quiet(Command::new(launch).arg("--stop-all"))
+    /// `launch --stop IMAGE` for each of `images`: end their servers (the benchmarks start
+    /// and end with it, and cold runs need it). Not `--stop-all`, which would end the
+    /// servers of other work of the same user (every root process on a shared machine).
+    pub fn stop(launch: &Path, images: &[&Path]) -> Result<()> {
+        for i in images {
+            super::run_quiet(Command::new(launch).arg("--stop").arg(i))?;
+        }
+        Ok(())
     }
 
     /// A process seen in `/proc`.

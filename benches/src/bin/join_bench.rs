@@ -7,7 +7,7 @@
 //! timed runs and kept with a long `CIMG_LINGER`): a join group gets one container, ranks
 //! without join one each. `--private --no-join` gives each rank a mount of its own, as every
 //! rank without join had before the image service. It starts and ends with `launch
-//! --stop-all`.
+//! --stop IMAGE`.
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::median;
@@ -124,7 +124,7 @@ fn main() -> Result<()> {
     let l = launch.display().to_string();
     let img = args.image.display().to_string();
     // No server of an earlier run (or launch binary); then the image's server, warm.
-    service::stop_all(&launch)?;
+    service::stop(&launch, &[&args.image])?;
     wait_all(spawn_all(
         &[l.clone(), img.clone(), "--".into(), "/bin/true".into()],
         1,
@@ -266,7 +266,7 @@ fn main() -> Result<()> {
         "  (CIMG_LINGER={LINGER} for every launch; the shared server started by one launch first, \
          and counted among the servers of every mode)"
     );
-    service::stop_all(&launch)?;
+    service::stop(&launch, &[&args.image])?;
     if let Some(j) = &args.json {
         std::fs::write(j, serde_json::to_vec_pretty(&rows)?)
             .with_context(|| format!("write {}", j.display()))?;

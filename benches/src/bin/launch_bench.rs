@@ -8,7 +8,7 @@
 //!
 //! - `CMD -- /bin/true`: the launch latency;
 //! - `CMD -- python3 -c 'import json, email, http.client'` warm (page cache kept) and cold
-//!   (the image servers stopped and `/proc/sys/vm/drop_caches` before every start; needs
+//!   (the images' servers stopped and `/proc/sys/vm/drop_caches` before every start; needs
 //!   root), so that a cold start is a first launch.
 //!
 //! Contenders: `launch img.cimg` (on the image's shared server, started by an untimed launch
@@ -20,7 +20,7 @@
 //! Then N (32) unrelated launches of the image at once, whose Python sleeps a moment: the
 //! image servers and their total RSS, sampled from `/proc` while they run, against the one
 //! server of a single launch; and the same with `--private`. It ends with `launch
-//! --stop-all`, so it leaves no server behind.
+//! --stop` of its images, so it leaves no server behind.
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::service::{self, LINGER};
@@ -284,11 +284,11 @@ fn main() -> Result<()> {
     }
     commands.push(format!("CIMG_LINGER={LINGER} for every launch above"));
     // No server of an earlier run (or of an earlier launch binary) may serve this one.
-    service::stop_all(&launch)?;
+    service::stop(&launch, &[&img, &img_hot])?;
     if args.only_concurrent {
         let census = census(&args, &launch, &img, &mut commands)?;
         print_census(&census);
-        service::stop_all(&launch)?;
+        service::stop(&launch, &[&img, &img_hot])?;
         return Ok(());
     }
     let n = contenders.len();
@@ -322,7 +322,7 @@ fn main() -> Result<()> {
             args.cold_runs
         );
         let cold = || {
-            service::stop_all(&launch)?;
+            service::stop(&launch, &[&img, &img_hot])?;
             drop_caches()
         };
         measure_all(&contenders, &py_cmd, args.cold_runs, &cold, &mut cd)?;
@@ -332,7 +332,7 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    service::stop_all(&launch)?;
+    service::stop(&launch, &[&img, &img_hot])?;
     for i in 0..n {
         rows[i].true_ms = t[i].clone();
         rows[i].py_warm_ms = w[i].clone();
@@ -494,7 +494,7 @@ struct Census {
 /// Start `n` launches of `prefix + cmd` at once (no server running), sample the image's
 /// servers every 50 ms until all have exited, and stop the servers.
 fn seen(launch: &Path, img: &Path, prefix: &[String], cmd: &[String], n: usize) -> Result<Seen> {
-    service::stop_all(launch)?;
+    service::stop(launch, &[img])?;
     let t0 = Instant::now();
     let mut kids = Vec::with_capacity(n);
     for _ in 0..n {
@@ -539,7 +539,7 @@ fn seen(launch: &Path, img: &Path, prefix: &[String], cmd: &[String], n: usize) 
             );
         }
     }
-    service::stop_all(launch)?;
+    service::stop(launch, &[img])?;
     Ok(s)
 }
 

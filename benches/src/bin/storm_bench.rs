@@ -13,7 +13,7 @@
 //!
 //! `launch` runs the containers of an image on the image's shared server (one per image file
 //! per node: every node mount is a file of its own); every wave starts with `launch
-//! --stop-all`, so that each node's launch is a first launch. `--sequential N` measures
+//! --stop` of the images, so that each node's launch is a first launch. `--sequential N` measures
 //! instead N launches of one image one after another from one node mount, on the shared
 //! server and with `--private`: what reached the simulator in all, and launch by launch.
 
@@ -304,6 +304,18 @@ impl Wave {
     }
 }
 
+/// `launch --stop` of every image on every node mount under `mnt`.
+fn stop_images(launch: &Path, mnt: &Path) -> Result<()> {
+    let mut images = Vec::new();
+    for e in std::fs::read_dir(mnt).into_iter().flatten().flatten() {
+        for i in ["img.cimg", "img-hot.cimg"] {
+            images.push(e.path().join(i));
+        }
+    }
+    let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    service::stop(launch, &refs)
+}
+
 /// Start `n` containers of `k` at once (node i on mount i) and wait for all; each a first
 /// launch of the image on its node (the image servers are stopped first).
 #[allow(clippy::too_many_arguments)]
@@ -317,7 +329,7 @@ fn wave(
     mds_rate: Option<f64>,
     user: &OsString,
 ) -> Result<Wave> {
-    service::stop_all(launch)?;
+    stop_images(launch, &sim.mnt)?;
     // Let the kernel caches of earlier waves on these mounts expire.
     std::thread::sleep(sim.settle);
     let before = sim.counters()?;
@@ -389,7 +401,7 @@ fn sequential(
     ttl_ms: u64,
     user: &OsString,
 ) -> Result<Sequential> {
-    service::stop_all(launch)?;
+    stop_images(launch, &sim.mnt)?;
     std::thread::sleep(sim.settle);
     let first = sim.counters()?;
     let mut last = first;
@@ -415,7 +427,7 @@ fn sequential(
         last = now;
     }
     let wall = t0.elapsed().as_secs_f64() - 0.3;
-    service::stop_all(launch)?;
+    stop_images(launch, &sim.mnt)?;
     Ok(Sequential {
         contender: k.name.clone(),
         ttl_ms,
@@ -487,7 +499,7 @@ fn run_sequential(
                 runs.push(q);
             }
         }
-        service::stop_all(launch)?;
+        stop_images(launch, &sim.mnt)?;
     }
     for k in &contenders {
         commands.push(format!(
@@ -932,7 +944,7 @@ fn main() -> Result<()> {
                 }
             }
         }
-        service::stop_all(&launch)?;
+        stop_images(&launch, &sim.mnt)?;
     }
     // Pass 2: a small metadata-server rate that binds at small N, to check the model.
     let rate = (args.check_mds_rate > 0.0).then_some(args.check_mds_rate);
@@ -959,7 +971,7 @@ fn main() -> Result<()> {
                 }
             }
         }
-        service::stop_all(&launch)?;
+        stop_images(&launch, &sim.mnt)?;
     }
     waves.extend(medians(&all_waves));
     let load_after = loadavg();
