@@ -514,3 +514,84 @@ mod tests {
         assert!((0..1000).all(|_| (3..=9).contains(&a.range(3, 9))));
     }
 }
+
+/// `launch`'s image service as the benchmarks see it: stopping the servers, finding them and
+/// their memory in `/proc`.
+pub mod service {
+    use anyhow::Result;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// The linger given to every timed launch, so that no server ends during a benchmark.
+    pub const LINGER: &str = "1h";
+
+    /// `launch --stop IMAGE` for each of `images`: end their servers (the benchmarks start
+    /// and end with it, and cold runs need it). Not `--stop-all`, which would end the
+    /// servers of other work of the same user (every root process on a shared machine).
+    pub fn stop(launch: &Path, images: &[&Path]) -> Result<()> {
+        for i in images {
+            super::run_quiet(Command::new(launch).arg("--stop").arg(i))?;
+        }
+        Ok(())
+    }
+
+    /// A process seen in `/proc`.
+    #[derive(Debug, Clone)]
+    pub struct Proc {
+        pub pid: u32,
+        /// `/proc/PID/comm`.
+        pub comm: String,
+        /// `/proc/PID/cmdline`, the arguments joined by spaces.
+        pub cmdline: String,
+        /// Whether it leads its own session.
+        pub session_leader: bool,
+        /// `VmRSS` in KiB.
+        pub rss_kib: u64,
+    }
+
+    /// Every process readable in `/proc`.
+    pub fn processes() -> Vec<Proc> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let p = e.path();
+            let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
+                continue;
+            };
+            let cmd = std::fs::read(p.join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+            let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+            let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+            let rss_kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            out.push(Proc {
+                pid,
+                comm: comm.trim().to_string(),
+                cmdline: String::from_utf8_lossy(&cmd).replace('\0', " "),
+                session_leader: f.get(3) == Some(&pid.to_string().as_str()),
+                rss_kib,
+            });
+        }
+        out
+    }
+
+    /// The FUSE servers of `image` (as named on the launches' command lines): the shared
+    /// ones (`cimg-server`) and the private ones (a `launch` process leading its own
+    /// session), not counting the launches `exclude` (their own pids).
+    pub fn servers_of(image: &Path, exclude: &[u32]) -> Vec<Proc> {
+        let img = image.display().to_string();
+        processes()
+            .into_iter()
+            .filter(|p| {
+                !exclude.contains(&p.pid)
+                    && p.cmdline.contains(&img)
+                    && (p.comm == "cimg-server" || (p.comm == "launch" && p.session_leader))
+            })
+            .collect()
+    }
+}

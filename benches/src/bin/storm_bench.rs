@@ -10,9 +10,16 @@
 //! A second pass with a small metadata-server rate checks the model
 //! `time ≈ max(time without the limit, N × ops per node / rate)`, which then extrapolates to
 //! 1,000 and 10,000 nodes (with a bandwidth term for the bytes). See README.md.
+//!
+//! `launch` runs the containers of an image on the image's shared server (one per image file
+//! per node: every node mount is a file of its own); every wave starts with `launch
+//! --stop` of the images, so that each node's launch is a first launch. `--sequential N` measures
+//! instead N launches of one image one after another from one node mount, on the shared
+//! server and with `--private`: what reached the simulator in all, and launch by launch.
 
 use anyhow::{Context, Result, bail};
 use cimg_benches::pfssim::{Counters, read_stats_file};
+use cimg_benches::service::{self, LINGER};
 use cimg_benches::{command_line, human_bytes, require_program, run_quiet};
 use clap::Parser;
 use nix::sys::signal::{Signal, kill};
@@ -85,6 +92,18 @@ struct Args {
     /// Repack the images (and copy the rootfs again).
     #[arg(long)]
     repack: bool,
+    /// Only the sequential case: N launches of one image, one after another, from one node
+    /// mount (0: the storm waves instead).
+    #[arg(long, default_value_t = 0)]
+    sequential: usize,
+    /// Images of the sequential case, comma separated: cimg, cimg-private, cimg-hot,
+    /// cimg-hot-private, dir, sqfs.
+    #[arg(long, default_value = "cimg,cimg-private", value_delimiter = ',')]
+    sequential_contenders: Vec<String>,
+    /// Entry and attribute TTLs (ms) of the node mount in the sequential case, one simulator
+    /// each, comma separated (replaces --ttl-ms there).
+    #[arg(long, default_value = "0,1000", value_delimiter = ',')]
+    sequential_ttl_ms: Vec<u64>,
     /// Write the report to PREFIX.txt, PREFIX.json and PREFIX.svg.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -245,6 +264,7 @@ impl Contender {
             .arg("--")
             .args(cmd)
             .env("USER", user)
+            .env("CIMG_LINGER", LINGER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -284,9 +304,24 @@ impl Wave {
     }
 }
 
-/// Start `n` containers of `k` at once (node i on mount i) and wait for all.
+/// `launch --stop` of every image on every node mount under `mnt`.
+fn stop_images(launch: &Path, mnt: &Path) -> Result<()> {
+    let mut images = Vec::new();
+    for e in std::fs::read_dir(mnt).into_iter().flatten().flatten() {
+        for i in ["img.cimg", "img-hot.cimg"] {
+            images.push(e.path().join(i));
+        }
+    }
+    let refs: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    service::stop(launch, &refs)
+}
+
+/// Start `n` containers of `k` at once (node i on mount i) and wait for all; each a first
+/// launch of the image on its node (the image servers are stopped first).
+#[allow(clippy::too_many_arguments)]
 fn wave(
     sim: &mut Sim,
+    launch: &Path,
     k: &Contender,
     n: usize,
     cmd: &[String],
@@ -294,6 +329,7 @@ fn wave(
     mds_rate: Option<f64>,
     user: &OsString,
 ) -> Result<Wave> {
+    stop_images(launch, &sim.mnt)?;
     // Let the kernel caches of earlier waves on these mounts expire.
     std::thread::sleep(sim.settle);
     let before = sim.counters()?;
@@ -337,6 +373,260 @@ fn wave(
         max_secs: times.iter().copied().fold(0.0, f64::max),
         total,
     })
+}
+
+/// The sequential case: N launches of one image from one node mount, one after another.
+#[derive(Debug, Clone, Serialize)]
+struct Sequential {
+    contender: String,
+    ttl_ms: u64,
+    launches: usize,
+    /// Seconds for all N.
+    wall_secs: f64,
+    /// What reached the simulator during all N (from the first spawn until 300 ms after the
+    /// last exit).
+    total: Counters,
+    /// Launch by launch (the last one's share includes the 300 ms after it).
+    each: Vec<Counters>,
+}
+
+/// N launches of `k` from node 0, one after another, with no image server running at the
+/// start; the servers are stopped at the end (outside the count).
+fn sequential(
+    sim: &mut Sim,
+    launch: &Path,
+    k: &Contender,
+    n: usize,
+    cmd: &[String],
+    ttl_ms: u64,
+    user: &OsString,
+) -> Result<Sequential> {
+    stop_images(launch, &sim.mnt)?;
+    std::thread::sleep(sim.settle);
+    let first = sim.counters()?;
+    let mut last = first;
+    let mut each = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let mut c = k.command(&sim.node(0), cmd, user);
+        let line = command_line(&c);
+        let o = c.output().with_context(|| format!("run {line}"))?;
+        if !o.status.success() {
+            bail!(
+                "`{line}` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        if i + 1 == n {
+            // Closes of a private mount's image arrive asynchronously after it exits.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let now = sim.counters()?;
+        each.push(now.since(&last));
+        last = now;
+    }
+    let wall = t0.elapsed().as_secs_f64() - 0.3;
+    stop_images(launch, &sim.mnt)?;
+    Ok(Sequential {
+        contender: k.name.clone(),
+        ttl_ms,
+        launches: n,
+        wall_secs: wall,
+        total: last.since(&first),
+        each,
+    })
+}
+
+/// `--sequential N`: the sequential case for every TTL and image, rotating the images'
+/// order between runs; the report shows the run with the median total of metadata ops.
+fn run_sequential(
+    args: &Args,
+    launch: &Path,
+    pfs_sim: &Path,
+    all: &[Contender],
+    py: &[String],
+    user: &OsString,
+    mut commands: Vec<String>,
+) -> Result<()> {
+    let contenders: Vec<Contender> = args
+        .sequential_contenders
+        .iter()
+        .map(|n| {
+            all.iter()
+                .find(|k| &k.name == n)
+                .cloned()
+                .with_context(|| format!("unknown contender {n}"))
+        })
+        .collect::<Result<_>>()?;
+    let n = args.sequential;
+    let mut runs: Vec<Sequential> = Vec::new();
+    for &ttl in &args.sequential_ttl_ms {
+        let extra: Vec<String> = vec![
+            "--meta-latency-us".into(),
+            args.meta_latency_us.to_string(),
+            "--read-latency-us".into(),
+            args.read_latency_us.to_string(),
+            "--read-ahead-kb".into(),
+            args.read_ahead_kb.to_string(),
+            "--entry-ttl-ms".into(),
+            ttl.to_string(),
+            "--attr-ttl-ms".into(),
+            ttl.to_string(),
+        ];
+        let mut sim = Sim::start(
+            pfs_sim,
+            &args.work_dir,
+            1,
+            Duration::from_millis(ttl),
+            &extra,
+        )?;
+        commands.push(sim.command.clone());
+        for k in &contenders {
+            // Warm the backing files in the page cache (untimed, not reported).
+            sequential(&mut sim, launch, k, 1, py, ttl, user)?;
+        }
+        for r in 0..args.runs.max(1) {
+            for j in 0..contenders.len() {
+                let k = &contenders[(r + j) % contenders.len()];
+                let q = sequential(&mut sim, launch, k, n, py, ttl, user)?;
+                eprintln!(
+                    "storm-bench: run {r}: {:<16} TTL {ttl} ms, {n} sequential launches: {} metadata ops, {:.2} s",
+                    k.name,
+                    q.total.metadata_ops(),
+                    q.wall_secs
+                );
+                runs.push(q);
+            }
+        }
+        stop_images(launch, &sim.mnt)?;
+    }
+    for k in &contenders {
+        commands.push(format!(
+            "{n} x, one after another: {} MNT/node0/{} -- python3 -c {}",
+            k.program.join(" "),
+            k.image,
+            cimg_benches::shell_quote(std::ffi::OsStr::new(&args.python))
+        ));
+    }
+    commands.push(format!("CIMG_LINGER={LINGER} for every launch"));
+    // The run with the median metadata ops of each (image, TTL).
+    let mut shown: Vec<Sequential> = Vec::new();
+    for &ttl in &args.sequential_ttl_ms {
+        for k in &contenders {
+            let mut v: Vec<&Sequential> = runs
+                .iter()
+                .filter(|q| q.contender == k.name && q.ttl_ms == ttl)
+                .collect();
+            v.sort_by_key(|q| q.total.metadata_ops());
+            if let Some(q) = v.get((v.len().max(1) - 1) / 2) {
+                shown.push((*q).clone());
+            }
+        }
+    }
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "storm-bench --sequential: {n} launches of one image, one after another, from one node mount of the simulator; each runs python3 -c '{}'",
+        args.python
+    );
+    let _ = writeln!(
+        o,
+        "simulator: no keep-cache, read-ahead {} KiB, metadata latency {} µs, read latency {} µs; no image server at the start of each series, the servers stopped after it; {} runs of each series (order rotating), the run with the median metadata ops shown; {} cores here",
+        args.read_ahead_kb,
+        args.meta_latency_us,
+        args.read_latency_us,
+        args.runs.max(1),
+        cimg_benches::cores()
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<17} {:>6} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7}  meta ops launch by launch",
+        "image",
+        "TTL ms",
+        "meta ops",
+        "lookup",
+        "getattr",
+        "open",
+        "release",
+        "reads",
+        "MB read",
+        "time s",
+    );
+    for q in &shown {
+        let t = &q.total;
+        let by: Vec<String> = q
+            .each
+            .iter()
+            .map(|c| c.metadata_ops().to_string())
+            .collect();
+        let _ = writeln!(
+            o,
+            "{:<17} {:>6} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9.2} {:>7.2}  {}",
+            q.contender,
+            q.ttl_ms,
+            t.metadata_ops(),
+            t.lookup,
+            t.getattr,
+            t.open,
+            t.release,
+            t.read_calls,
+            t.read_bytes as f64 / 1e6,
+            q.wall_secs,
+            by.join(" ")
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "Goals");
+    for q in shown.iter().filter(|q| q.contender == "cimg") {
+        let m = q.total.metadata_ops();
+        let verdict = if m <= 5 {
+            "PASS".to_string()
+        } else {
+            format!("FAIL (off by {:.0}%)", (m as f64 / 5.0 - 1.0) * 100.0)
+        };
+        let private = shown
+            .iter()
+            .find(|p| p.contender == "cimg-private" && p.ttl_ms == q.ttl_ms)
+            .map(|p| format!(" (--private: {})", p.total.metadata_ops()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  cimg, TTL {} ms: metadata ops of {n} sequential launches <= 5: {m}{private}  {verdict}",
+            q.ttl_ms
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "commands:");
+    for c in &commands {
+        let _ = writeln!(o, "  {c}");
+    }
+    print!("{o}");
+    if let Some(prefix) = &args.out {
+        let with = |ext: &str| {
+            let mut p = prefix.clone().into_os_string();
+            p.push(ext);
+            PathBuf::from(p)
+        };
+        let quoted: Vec<String> = std::env::args_os()
+            .map(|a| cimg_benches::shell_quote(&a))
+            .collect();
+        std::fs::write(with(".txt"), format!("$ {}\n\n{o}", quoted.join(" ")))
+            .with_context(|| format!("write {}", with(".txt").display()))?;
+        let j = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>(),
+            "python": args.python,
+            "launches": n,
+            "contenders": contenders,
+            "shown": shown,
+            "all_runs": runs,
+            "commands": commands,
+        });
+        std::fs::write(with(".json"), serde_json::to_vec_pretty(&j)?)
+            .with_context(|| format!("write {}", with(".json").display()))?;
+    }
+    Ok(())
 }
 
 /// Copies the rootfs and packs the images into `work/pfs` unless a stamp says they are
@@ -574,7 +864,20 @@ fn main() -> Result<()> {
             program: vec![s(&launch), "--no-join".into()],
             image: "img-hot.cimg".into(),
         },
+        Contender {
+            name: "cimg-private".into(),
+            program: vec![s(&launch), "--no-join".into(), "--private".into()],
+            image: "img.cimg".into(),
+        },
+        Contender {
+            name: "cimg-hot-private".into(),
+            program: vec![s(&launch), "--no-join".into(), "--private".into()],
+            image: "img-hot.cimg".into(),
+        },
     ];
+    if args.sequential > 0 {
+        return run_sequential(&args, &launch, &pfs_sim, &all, &py, &user, commands);
+    }
     let contenders: Vec<Contender> = args
         .contenders
         .iter()
@@ -582,7 +885,7 @@ fn main() -> Result<()> {
             all.iter()
                 .find(|k| &k.name == n)
                 .cloned()
-                .with_context(|| format!("unknown contender {n} (dir, sqfs, cimg, cimg-hot)"))
+                .with_context(|| format!("unknown contender {n} (dir, sqfs, cimg, cimg-hot, cimg-private, cimg-hot-private)"))
         })
         .collect::<Result<_>>()?;
     let max_n = args.nodes.iter().copied().max().unwrap_or(1).max(1);
@@ -616,8 +919,8 @@ fn main() -> Result<()> {
                 cimg_benches::shell_quote(std::ffi::OsStr::new(&args.python))
             ));
             // Warm the backing files in the page cache (untimed, not reported).
-            wave(&mut sim, k, 1, &py, "warm-up", None, &user)?;
-            let w = wave(&mut sim, k, 1, &light, "/bin/true", None, &user)?;
+            wave(&mut sim, &launch, k, 1, &py, "warm-up", None, &user)?;
+            let w = wave(&mut sim, &launch, k, 1, &light, "/bin/true", None, &user)?;
             eprintln!(
                 "storm-bench: {:<8} /bin/true N=1: {:.0} metadata ops",
                 k.name,
@@ -629,7 +932,7 @@ fn main() -> Result<()> {
             for j in 0..contenders.len() {
                 let k = &contenders[(r + j) % contenders.len()];
                 for &n in &args.nodes {
-                    let w = wave(&mut sim, k, n, &py, "python", None, &user)?;
+                    let w = wave(&mut sim, &launch, k, n, &py, "python", None, &user)?;
                     eprintln!(
                         "storm-bench: run {r}: {:<8} python N={n}: {:.2} s, {:.1} metadata ops/node, {:.1} reads/node",
                         k.name,
@@ -641,6 +944,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        stop_images(&launch, &sim.mnt)?;
     }
     // Pass 2: a small metadata-server rate that binds at small N, to check the model.
     let rate = (args.check_mds_rate > 0.0).then_some(args.check_mds_rate);
@@ -658,7 +962,7 @@ fn main() -> Result<()> {
             for j in 0..contenders.len() {
                 let k = &contenders[(r + j) % contenders.len()];
                 for &n in &args.nodes {
-                    let w = wave(&mut sim, k, n, &py, "python", Some(rate), &user)?;
+                    let w = wave(&mut sim, &launch, k, n, &py, "python", Some(rate), &user)?;
                     eprintln!(
                         "storm-bench: run {r}: {:<8} python N={n} at {rate} ops/s: {:.2} s",
                         k.name, w.wall_secs
@@ -667,6 +971,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        stop_images(&launch, &sim.mnt)?;
     }
     waves.extend(medians(&all_waves));
     let load_after = loadavg();
