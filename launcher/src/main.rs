@@ -4,12 +4,15 @@
 //!
 //! - [`plan`]: the command line → a plan (pure, unit-tested), environment rules.
 //! - [`spec`]: the container's tree as a value: the ordered mounts and files (pure).
+//! - [`build`]: carries the container's tree out on its root.
 //! - [`enter`]: namespaces, mounts, binds, pivot_root, exec.
 //! - [`supervise`]: the process tree (supervisor, FUSE server, app), signals, exit status.
+//! - [`server`]: a private mount's FUSE server and its start-up with launch.
 //! - [`service`]: the image service, one shared FUSE server per image, user and node.
 //! - [`protocol`]: the typed messages between a launch and its image's server.
 //! - [`rendezvous`]: the abstract socket names launches meet at, and whom they trust.
 //! - [`join`]: peers of one group share one container.
+//! - [`keeper`]: holds a shared server's container while daemons outlive the command.
 //! - [`sys`]: the only module with `unsafe` (fork, and the calls no crate wraps).
 //! - [`error`]: the one error type, carrying its exit code, and the exit codes.
 
@@ -20,12 +23,15 @@
 // quietly). launch ignores SIGPIPE itself and gives the app the caller's disposition.
 #![cfg_attr(not(test), no_main)]
 
+mod build;
 mod enter;
 mod error;
 mod join;
+mod keeper;
 mod plan;
 mod protocol;
 mod rendezvous;
+mod server;
 mod service;
 mod spec;
 mod supervise;

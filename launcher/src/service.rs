@@ -715,6 +715,47 @@ pub fn stop(conn: &OwnedFd) -> bool {
     matches!(poll(&mut pfd, ms), Ok(n) if n > 0)
 }
 
+/// `--servers`, `--stop IMAGE`, `--stop-all`: the user's image servers on this node.
+pub fn manage(m: &crate::plan::Manage, verbose: &dyn Fn(&str)) -> Result<i32, Error> {
+    let servers = servers();
+    match m {
+        crate::plan::Manage::List { json: true } => {
+            let list: Vec<_> = servers.iter().map(|(st, _)| st).collect();
+            let text = serde_json::to_string_pretty(&list)
+                .map_err(|e| Error::other(format!("--json: {e}")))?;
+            println!("{text}");
+        }
+        crate::plan::Manage::List { json: false } => {
+            for (st, _) in &servers {
+                println!("{}", status_line(st));
+            }
+        }
+        crate::plan::Manage::Stop(which) => {
+            // The servers name their image as the first launch did, made absolute; compare
+            // resolved paths where both still resolve.
+            let resolve = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let want = which
+                .as_deref()
+                .map(|p| resolve(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())));
+            for (st, conn) in &servers {
+                if want.as_ref().is_some_and(|w| *w != resolve(&st.image)) {
+                    continue;
+                }
+                if stop(conn) {
+                    verbose(&format!("stopped {}", status_line(st)));
+                } else {
+                    return Err(Error::other(format!(
+                        "the image server {} ({}) did not stop",
+                        st.pid,
+                        st.image.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
 /// `CIMG_LINGER` or `--linger`: seconds, or a number with `s`, `m` or `h`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();

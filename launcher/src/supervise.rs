@@ -5,32 +5,7 @@
 //! own namespaces, and watches its connection to the server: the server's end ends the
 //! container (status 125). Processes that outlive the command keep the container alive
 //! through a keeper (`cimg-keeper`, see [`leave_keeper`]). With `--private` (or
-//! `--record-hot`), launch starts a FUSE server of its own, as follows.
-//!
-//! ```text
-//! launch (supervisor)   user ns U, mount ns B: builds the root on a staging tmpfs over /tmp,
-//!  │                    then pivot_root's into it (the host's root is detached)
-//!  ├─ FUSE server       ns U, its own mount ns C (a copy made before anything was mounted,
-//!  │   │                so without the image's mount); its own session
-//!  │   └─ cimg-warm     reads the command's files and the hot files ahead into the page
-//!  │                    cache through launch's descriptor of the mount (its reads wait
-//!  │                    behind the container's in the server), then exits
-//!  └─ app (exec'd CMD)  forked by launch inside the container (ns U, B)
-//! ```
-//!
-//! The FUSE mount exists only in B. When the last process of the container has left it (the
-//! app, whatever it started, launch itself, joined peers), the kernel drops the mount, aborts
-//! the FUSE connection, and the server's read of `/dev/fuse` ends: the server exits. So the
-//! filesystem lives exactly as long as any container process, and SIGKILL of any part leaves
-//! nothing behind. (The server also holds a reference to B until launch has exited, so that
-//! B's end, the FUSE unmount with the eviction of the image's inodes, runs in the server
-//! after launch's parent has its status rather than inside launch's exit; it lets go as soon
-//! as launch is gone, however launch ended.) The parts: the app has
-//! `PR_SET_PDEATHSIG(SIGKILL)` (launch killed → app killed), the server has it until its
-//! handshake is done (launch killed during setup → server killed), launch kills the app if
-//! the server dies, and all mounts are private to the namespaces.
-//! The server keeps launch's stderr only while launch lives (then /dev/null), so a caller
-//! reading launch's output is not held open by the server.
+//! `--record-hot`), launch starts a FUSE server of its own ([`crate::server`]).
 //!
 //! Launch forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH and SIGALRM
 //! to the app (read from a signalfd; a signal the terminal sent to the whole foreground
@@ -46,18 +21,21 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::sched::{CloneFlags, unshare};
+use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::UnixAddr;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2, setsid};
+use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2};
 
-use crate::enter::{self, HostPath, Make, Root, STAGE};
+use crate::build::{Hosts, carry_out};
+use crate::enter::{self, HostPath, Root, STAGE};
 use crate::error::{Error, errno_msg};
 use crate::join::{self, JoinMode, Role};
+use crate::keeper::leave_keeper;
 use crate::plan::{self, Env, EnvOp, Plan};
 use crate::protocol::{self, Startup};
+use crate::server::{StartingServer, connection_gone, exited_within, server_main};
 use crate::service;
 use crate::spec;
 use crate::sys::{Forked, fork};
@@ -131,7 +109,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
         t0: Instant::now(),
     };
     if let Some(m) = &plan.manage {
-        return manage(m, &log);
+        return service::manage(m, &|msg| log.v(|| msg.to_string()));
     }
     match join::mode(&plan, &|k| std::env::var(k).ok())? {
         JoinMode::Alone => create(plan, None, log),
@@ -192,47 +170,6 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             )))
         }
     }
-}
-
-/// `--servers`, `--stop IMAGE`, `--stop-all`: the user's image servers on this node.
-fn manage(m: &plan::Manage, log: &Log) -> Result<i32, Error> {
-    let servers = service::servers();
-    match m {
-        plan::Manage::List { json: true } => {
-            let list: Vec<_> = servers.iter().map(|(st, _)| st).collect();
-            let text = serde_json::to_string_pretty(&list)
-                .map_err(|e| Error::other(format!("--json: {e}")))?;
-            println!("{text}");
-        }
-        plan::Manage::List { json: false } => {
-            for (st, _) in &servers {
-                println!("{}", service::status_line(st));
-            }
-        }
-        plan::Manage::Stop(which) => {
-            // The servers name their image as the first launch did, made absolute; compare
-            // resolved paths where both still resolve.
-            let resolve = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-            let want = which
-                .as_deref()
-                .map(|p| resolve(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())));
-            for (st, conn) in &servers {
-                if want.as_ref().is_some_and(|w| *w != resolve(&st.image)) {
-                    continue;
-                }
-                if service::stop(conn) {
-                    log.v(|| format!("stopped {}", service::status_line(st)));
-                } else {
-                    return Err(Error::other(format!(
-                        "the image server {} ({}) did not stop",
-                        st.pid,
-                        st.image.display()
-                    )));
-                }
-            }
-        }
-    }
-    Ok(0)
 }
 
 /// What a peer entering an existing container takes from the host before it enters.
@@ -686,146 +623,6 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     supervise(&sfd, app, watch, &log)
 }
 
-/// The host paths a container gets ([`spec::HostSource`]), opened (cloned as detached mount
-/// trees) before anything is mounted in launch's namespace.
-struct Hosts {
-    dev: HostPath,
-    proc_: HostPath,
-    sys: HostPath,
-    etc: [Option<HostPath>; 3],
-    tmp: Option<HostPath>,
-    home: Option<HostPath>,
-    /// The user's binds, with the option as errors name it (`--bind SRC:DST`).
-    binds: Vec<(HostPath, String)>,
-}
-
-impl Hosts {
-    fn open(plan: &Plan, user: Option<&User>) -> Result<Hosts, Error> {
-        let sys = HostPath::open(Path::new("/sys"), "host")?;
-        // All of /sys read-only, submounts included, before it is attached.
-        sys.read_only("/sys")?;
-        let home = if plan.home {
-            let h = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .or_else(|| user.map(|u| u.dir.clone()))
-                .ok_or_else(|| Error::setup("--home: HOME is not set".into()))?;
-            Some(HostPath::open(&h, "--home")?)
-        } else {
-            None
-        };
-        Ok(Hosts {
-            dev: HostPath::open(Path::new("/dev"), "host")?,
-            proc_: HostPath::open(Path::new("/proc"), "host")?,
-            sys,
-            etc: spec::HOST_ETC.map(|p| HostPath::open_optional(Path::new(p))),
-            tmp: if plan.private_tmp {
-                None
-            } else {
-                Some(HostPath::open(&host_tmp_dir(), "host temporary directory")?)
-            },
-            home,
-            binds: plan
-                .binds
-                .iter()
-                .map(|b| {
-                    let what = format!("--bind {}:{}", b.src.display(), b.dst.display());
-                    Ok((HostPath::open(&b.src, "--bind")?, what))
-                })
-                .collect::<Result<_, Error>>()?,
-        })
-    }
-
-    fn get(&self, src: spec::HostSource) -> Option<&HostPath> {
-        use spec::HostSource as S;
-        match src {
-            S::Dev => Some(&self.dev),
-            S::Proc => Some(&self.proc_),
-            S::Sys => Some(&self.sys),
-            S::Etc(i) => self.etc.get(i)?.as_ref(),
-            S::Tmp => self.tmp.as_ref(),
-            S::Home => self.home.as_ref(),
-            S::Bind(i) => self.binds.get(i).map(|(h, _)| h),
-        }
-    }
-}
-
-impl spec::ImageView for Root {
-    fn exists(&self, p: &Path) -> bool {
-        Root::exists(self, p)
-    }
-    fn is_dir(&self, p: &Path) -> bool {
-        Root::is_dir(self, p)
-    }
-}
-
-/// Carry out the container's tree ([`spec::mounts`]) on `root`, staging written files in
-/// `stage`.
-fn carry_out(
-    root: &Root,
-    mounts: &[spec::Mount],
-    hosts: &Hosts,
-    stage: &Path,
-) -> Result<(), Error> {
-    use spec::Mount as M;
-    for m in mounts {
-        match m {
-            M::Host {
-                src,
-                dst,
-                make,
-                read_only,
-            } => {
-                let what = match src {
-                    spec::HostSource::Bind(i) => hosts.binds[*i].1.clone(),
-                    _ => dst.display().to_string(),
-                };
-                let Some(h) = hosts.get(*src) else {
-                    continue;
-                };
-                let t = root.target(dst, *make, &what)?;
-                h.attach(&t, &what)?;
-                if *read_only {
-                    let t = root.target(dst, Make::No, &what)?;
-                    enter::remount_ro(&t, &what)?;
-                }
-            }
-            M::ReadOnly(p) => {
-                if root.exists(p) {
-                    enter::bind_read_only(root, p)?;
-                }
-            }
-            M::Tmpfs { dst, opts } => {
-                let what = dst.display().to_string();
-                let t = root.target(dst, Make::Dir, &what)?;
-                enter::mount_tmpfs(&enter::fd_path(&t), opts, &what)?;
-            }
-            M::Mkdir(dir) => {
-                let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-                    continue;
-                };
-                let p = root
-                    .resolve(parent, OFlag::O_PATH | OFlag::O_DIRECTORY)
-                    .map_err(|e| Error::setup(errno_msg(parent.display(), e)))?;
-                nix::sys::stat::mkdirat(
-                    std::os::fd::AsFd::as_fd(&p),
-                    name,
-                    nix::sys::stat::Mode::from_bits_truncate(0o755),
-                )
-                .map_err(|e| Error::setup(errno_msg(dir.display(), e)))?;
-            }
-            M::File { name, text, dst } => {
-                let staged = stage.join(name);
-                enter::write_file(&staged, text)?;
-                let src = HostPath::open(&staged, "staged")?;
-                let what = dst.display().to_string();
-                let t = root.target(dst, Make::File, &what)?;
-                src.attach(&t, &what)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Run the command in a container that exists: a group's (through a peer inside) or a
 /// process's (`--join-pid`).
 fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32, Error> {
@@ -1099,246 +896,6 @@ fn open_image(path: &Path) -> Result<Source, Error> {
     }
 }
 
-fn host_tmp_dir() -> PathBuf {
-    match std::env::var_os("TMPDIR").map(PathBuf::from) {
-        Some(t) if t.is_absolute() && t.is_dir() => t,
-        _ => PathBuf::from("/tmp"),
-    }
-}
-
-/// The FUSE server while launch sets the container up. Dropped before it serves (any
-/// set-up failure), it is killed and reaped; and it tells a set-up failure caused by its
-/// death (SIGKILL, OOM) from any other, so that whichever call saw the death first (the
-/// mount, a bind, the exec of the command through a dead mount) the launch ends with the
-/// documented status of a dead server ([`exit::OTHER`](crate::error::exit::OTHER)), not
-/// with that call's own.
-struct StartingServer {
-    pid: Pid,
-    /// Already waited for (its pid may belong to another process now).
-    reaped: bool,
-}
-
-impl StartingServer {
-    fn new(pid: Pid) -> StartingServer {
-        StartingServer { pid, reaped: false }
-    }
-
-    /// Wait for the server to say `what` (it has left the mount namespace, or finished its
-    /// handshake); end of file means it failed (it printed why) or was killed.
-    fn wait_for(&mut self, fd: &OwnedFd, what: Startup) -> Result<(), Error> {
-        if protocol::read_line::<Startup>(fd.as_fd()).is_some_and(|m| m == what) {
-            return Ok(());
-        }
-        // End of file: the server is exiting, killed or on its own.
-        let e = Error::fuse("the FUSE server failed to start".into());
-        let how = self.ended_within(std::time::Duration::from_millis(500));
-        Err(match how {
-            Some(how) if how.starts_with("signal") => Error::other(format!(
-                "the FUSE server ended ({how}) while the container was being set up"
-            )),
-            _ => e,
-        })
-    }
-
-    /// How the server ended, if it has (waiting at most `wait` for it to).
-    fn ended_within(&mut self, wait: std::time::Duration) -> Option<String> {
-        if self.reaped {
-            return Some("gone".into());
-        }
-        let how = exited_within(self.pid, wait)?;
-        self.reaped = true;
-        Some(how)
-    }
-
-    /// `e`, or the server's death if that is what caused it: a death shows at once as an
-    /// aborted connection of the mount ([`connection_gone`]), its exit status a moment
-    /// later. Costs nothing when the server is alive (a genuine failure).
-    fn judge(&mut self, e: Error, fuse_root: Option<&OwnedFd>) -> Error {
-        let gone = fuse_root.is_some_and(connection_gone);
-        let wait = if gone {
-            std::time::Duration::from_millis(500)
-        } else {
-            std::time::Duration::ZERO
-        };
-        match self.ended_within(wait) {
-            Some(how) if how.starts_with("signal") || gone => Error::other(format!(
-                "the FUSE server ended ({how}) while the container was being set up"
-            )),
-            None if gone => Error::other(
-                "the FUSE connection broke while the container was being set up".into(),
-            ),
-            _ => e,
-        }
-    }
-
-    /// Set-up is done: the server serves, and the supervisor watches it from now on.
-    fn serving(mut self) -> Pid {
-        self.reaped = true; // not killed on drop: it is no longer ours to end
-        self.pid
-    }
-}
-
-impl Drop for StartingServer {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = kill(self.pid, Signal::SIGKILL);
-            let _ = waitpid(self.pid, None);
-        }
-    }
-}
-
-/// The FUSE server's process: leave the mount namespace, do the handshake, serve (and, for
-/// a group, answer joiners).
-#[allow(clippy::too_many_arguments)]
-fn server_main(
-    img: cimg_format::Image,
-    fuse: OwnedFd,
-    (go, ready): (OwnedFd, OwnedFd),
-    parent: Pid,
-    mask: &SigSet,
-    name: &Path,
-    opts: &cimg_fuse::MountOptions,
-    group: Option<(OwnedFd, u32, PathBuf, Vec<u8>)>,
-) -> ! {
-    let res = (|| -> Result<(), String> {
-        let _ = setsid();
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| errno_msg("pdeathsig", e))?;
-        if getppid() != parent {
-            return Err("launch exited".into());
-        }
-        // SIGUSR1 stays blocked in every thread: it is read from a signalfd (below).
-        let mut mask = *mask;
-        mask.add(Signal::SIGUSR1);
-        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)
-            .map_err(|e| errno_msg("sigprocmask", e))?;
-        enter::detach_stdio(false);
-        // Launch's mount namespace, the container's, held until launch has exited: the
-        // namespace's end (the FUSE unmount, and the eviction of every inode and dentry the
-        // kernel holds of the image) then happens here, after launch's parent has its exit
-        // status, instead of inside launch's exit where the parent waits for it. Dropped
-        // when launch is gone (the stderr guard, below), so the container still ends with
-        // its last process; if this process dies, the kernel drops it.
-        let container_ns = fs::File::open("/proc/self/ns/mnt").ok();
-        unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno_msg("unshare", e))?;
-        protocol::write_line(ready.as_fd(), &Startup::Left).map_err(|e| errno_msg("pipe", e))?;
-        // The command's files and the hot files are read ahead into the page cache by a
-        // process of their own (`cimg_fuse::warm` says why not by this one), forked while
-        // this one is single-threaded, when a core is to spare, and while launch mounts (not
-        // between the mount and the kernel's INIT, which launch waits for). The mount lives
-        // in launch's mount namespace, not in this one: the helper reaches it through
-        // launch's descriptor of its root, whose number it is sent once launch has it.
-        let mut helper = None;
-        if (opts.fs.exec.is_some() || img.summary().hot_blocks > 0) && !cimg_fuse::fs::cpu_busy() {
-            let me = Pid::this();
-            let (fd_r, fd_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| errno_msg("pipe", e))?;
-            match fork() {
-                Ok(Forked::Child) => {
-                    drop((fuse, ready, go, group, fd_w, container_ns));
-                    warm_main(&img, &fd_r, parent, opts, me);
-                }
-                Ok(Forked::Parent(pid)) => helper = Some((pid, fd_r, fd_w)),
-                Err(_) => {}
-            }
-        }
-        // Launch has mounted; with the number of its descriptor of the mount's root.
-        let root_fd = match protocol::read_line::<Startup>(go.as_fd()) {
-            Some(Startup::Go { root_fd }) => root_fd,
-            _ => return Err("launch did not mount the filesystem".into()),
-        };
-        drop(go);
-        // The helper learns the descriptor (or, without one, sees end of file and exits);
-        // its reads wait behind everyone else's.
-        let mut opts = opts.clone();
-        let helper = helper.map(|(pid, fd_r, fd_w)| {
-            drop(fd_r);
-            if let Some(fd) = root_fd {
-                let _ = nix::unistd::write(&fd_w, fd.to_string().as_bytes());
-            }
-            opts.fs.background_pid = u32::try_from(pid.as_raw()).ok();
-            pid
-        });
-        let server = cimg_fuse::attach_fd(img, fuse, name, &opts).map_err(|e| e.to_string())?;
-        // From now on the server outlives launch as long as the container lives, but it must
-        // not keep launch's stderr open (a caller reading it would wait for the container's
-        // last daemon): when launch exits, SIGUSR1 arrives and stderr becomes /dev/null.
-        let usr1 = SigSet::from(Signal::SIGUSR1);
-        let sfd = SignalFd::with_flags(&usr1, SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| errno_msg("signalfd", e))?;
-        nix::sys::prctl::set_pdeathsig(Signal::SIGUSR1).map_err(|e| errno_msg("pdeathsig", e))?;
-        std::thread::Builder::new()
-            .name("stderr-guard".into())
-            .spawn(move || {
-                if getppid() == parent {
-                    let _ = sfd.read_signal();
-                }
-                if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
-                    let _ = nix::unistd::dup2_stderr(&null);
-                }
-                drop(container_ns);
-            })
-            .map_err(|e| e.to_string())?;
-        protocol::write_line(ready.as_fd(), &Startup::Ready).map_err(|e| errno_msg("pipe", e))?;
-        drop(ready);
-        if let Some(pid) = helper {
-            // Reaped as soon as it is done, so that it does not stay a zombie for as long as
-            // the container lives.
-            std::thread::Builder::new()
-                .name("cimg-reap".into())
-                .spawn(move || waitpid(pid, None))
-                .map_err(|e| e.to_string())?;
-        }
-        if let Some((listener, count, image, config)) = group {
-            std::thread::Builder::new()
-                .name("join".into())
-                .spawn(move || join::serve_group(listener, count, image, config))
-                .map_err(|e| e.to_string())?;
-        }
-        server.run().map_err(|e| e.to_string())
-    })();
-    match res {
-        Ok(()) => std::process::exit(0),
-        Err(e) => {
-            eprintln!("launch: FUSE server: {e}");
-            std::process::exit(1)
-        }
-    }
-}
-
-/// The FUSE server's helper: read the command's files and the hot files ahead into the page
-/// cache through the mount ([`cimg_fuse::warm::read_ahead`]), then exit. The mount is
-/// `/proc/LAUNCH/fd/N`, launch's descriptor of its root, N read from `fd_num` (end of file:
-/// no mount, nothing to do). It dies with the server and holds none of its `/dev/fuse`, pipe
-/// or socket descriptors (the caller closed them), so it can never keep the server or launch
-/// waiting; it stops once launch has exited.
-fn warm_main(
-    img: &cimg_format::Image,
-    fd_num: &OwnedFd,
-    launch: Pid,
-    opts: &cimg_fuse::MountOptions,
-    server: Pid,
-) -> ! {
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    if getppid() == server {
-        let _ = nix::sys::prctl::set_name(c"cimg-warm");
-        if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stderr(&null);
-        }
-        let mut b = [0u8; 16];
-        let fd = match nix::unistd::read(fd_num, &mut b) {
-            Ok(n) => std::str::from_utf8(&b[..n])
-                .ok()
-                .and_then(|t| t.parse::<u32>().ok()),
-            Err(_) => None,
-        };
-        if let Some(fd) = fd {
-            let root = PathBuf::from(format!("/proc/{launch}/fd/{fd}"));
-            let budget = opts.fs.cache_size / 2;
-            cimg_fuse::warm::read_ahead(img, &root, opts.fs.exec.as_ref(), budget);
-        }
-    }
-    std::process::exit(0)
-}
-
 /// The app's process inside the container, before it execs, sharing launch's memory
 /// ([`crate::sys::spawn_shared`], so it only borrows): no privileges, exec. On failure,
 /// `code\tmessage` goes to `report` (closed by a successful exec) and the code is returned.
@@ -1486,102 +1043,12 @@ fn supervise(sfd: &SignalFd, app: Pid, watch: Watch<'_>, log: &Log) -> Result<i3
                 kill_container(app);
             }
             if server_died.is_none() && keep {
-                leave_keeper(&conns[..conns.len().min(1)], log);
+                leave_keeper(&conns[..conns.len().min(1)], &|m| log.v(|| m.to_string()));
             }
             return match server_died {
                 Some(why) => Err(Error::other(why)),
                 None => Ok(code),
             };
-        }
-    }
-}
-
-/// The command has ended but processes it started live on (daemons, reparented to launch,
-/// their subreaper): leave behind a keeper, a process of the container that holds the
-/// connection standing for it (the shared server counts the container alive while it is
-/// open) until no other process is left in the container, or kills them if the server dies
-/// first. Launch itself exits with the command's status at once, as without a keeper.
-/// (Not the join group's connection: a group whose peers have all ended is over, and the
-/// next launch with its tag makes a new container.)
-fn leave_keeper(conns: &[(&OwnedFd, &'static str)], log: &Log) {
-    if !matches!(
-        waitpid(None, Some(WaitPidFlag::WNOHANG)),
-        Ok(WaitStatus::StillAlive)
-    ) {
-        return;
-    }
-    log.v(|| "processes outlive the command: a keeper holds the container".into());
-    if let Ok(Forked::Child) = fork() {
-        let _ = setsid();
-        let _ = nix::sys::prctl::set_name(c"cimg-keeper");
-        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-        enter::detach_stdio(true);
-        keeper_main(conns)
-    }
-}
-
-/// The keeper's loop: every second, or when a connection closes.
-fn keeper_main(conns: &[(&OwnedFd, &'static str)]) -> ! {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    loop {
-        let mut fds: Vec<PollFd> = conns
-            .iter()
-            .map(|(c, _)| PollFd::new(c.as_fd(), PollFlags::POLLIN))
-            .collect();
-        let _ = poll(&mut fds, PollTimeout::from(1000u16));
-        let closed = fds.iter().zip(conns).any(|(f, (c, _))| {
-            f.revents().is_some_and(|r| !r.is_empty()) && join::closed(c.as_fd())
-        });
-        drop(fds);
-        let others = others_in_this_container();
-        if closed {
-            for pid in others {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-            std::process::exit(0);
-        }
-        if others.is_empty() {
-            std::process::exit(0);
-        }
-    }
-}
-
-/// The other processes in this process's mount namespace (the container's).
-fn others_in_this_container() -> Vec<Pid> {
-    let (Ok(me), Ok(dir)) = (fs::read_link("/proc/self/ns/mnt"), fs::read_dir("/proc")) else {
-        return Vec::new();
-    };
-    let own = std::process::id();
-    dir.flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            (pid != own && fs::read_link(e.path().join("ns/mnt")).is_ok_and(|ns| ns == me))
-                .then(|| Pid::from_raw(pid as i32))
-        })
-        .collect()
-}
-
-/// Whether the FUSE connection of the mount whose root is `root` is gone: a statfs reaches
-/// the server, and fails with `ENOTCONN` (or `ECONNABORTED`, once the kernel has aborted the
-/// connection) when nobody serves it any more.
-fn connection_gone(root: &OwnedFd) -> bool {
-    matches!(
-        nix::sys::statfs::fstatfs(root),
-        Err(Errno::ENOTCONN | Errno::ECONNABORTED)
-    )
-}
-
-/// Whether process `pid` (a child) ends within `wait` (polled every millisecond); how.
-fn exited_within(pid: Pid, wait: std::time::Duration) -> Option<String> {
-    let start = std::time::Instant::now();
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, c)) => return Some(format!("exit status {c}")),
-            Ok(WaitStatus::Signaled(_, s, _)) => return Some(format!("signal {s}")),
-            Ok(_) if start.elapsed() < wait => {
-                std::thread::sleep(std::time::Duration::from_millis(1))
-            }
-            _ => return None,
         }
     }
 }
