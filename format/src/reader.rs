@@ -99,6 +99,10 @@ pub struct OpenOptions {
     /// meets it (the FUSE driver answers EIO for it and serves the rest) instead of the open.
     /// For an image whose metadata is one frame only the checks are deferred.
     pub lazy: bool,
+    /// The file's size, if the caller knows it from a `stat` it made (default `None`: the
+    /// reader asks the file). On a parallel filesystem each `fstat` can be a metadata
+    /// operation on the server; a caller that has just looked saves one.
+    pub size: Option<u64>,
 }
 
 impl Default for OpenOptions {
@@ -108,6 +112,7 @@ impl Default for OpenOptions {
             threads: crate::cores().clamp(1, 8),
             parallel_validation_min: PARALLEL_VALIDATION_MIN,
             lazy: false,
+            size: None,
         }
     }
 }
@@ -920,7 +925,10 @@ impl<R: ReadAt> Image<R> {
     pub fn from_reader(src: R, label: impl Into<PathBuf>, opts: &OpenOptions) -> Result<Self> {
         let label = label.into();
         let io = |e| Error::io(&label, e);
-        let file_size = src.size().map_err(io)?;
+        let file_size = match opts.size {
+            Some(n) => n,
+            None => src.size().map_err(io)?,
+        };
         if file_size < size_of::<Superblock>() as u64 {
             return Err(Error::corrupt(
                 format!("file is {file_size} bytes, too small to be a cimg image"),

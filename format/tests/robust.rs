@@ -448,6 +448,7 @@ fn opts() -> OpenOptions {
         threads: 3,
         parallel_validation_min: 0,
         lazy: false,
+        size: None,
     }
 }
 

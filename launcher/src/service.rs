@@ -39,7 +39,6 @@
 
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -92,23 +91,64 @@ pub struct Key {
     pub cache_size: Option<u64>,
 }
 
+/// An image file, looked up once: an `O_PATH` descriptor of it and its identity.
+#[derive(Debug)]
+pub struct Looked {
+    /// The file (`O_PATH`: opening it sent no open to the filesystem).
+    pub fd: OwnedFd,
+    /// `st_dev`, `st_ino`, `st_size`, mtime and ctime (ns).
+    pub file: (u64, u64, u64, i128, i128),
+}
+
+/// Look `path` up for the service: `None` unless it is a regular file. One path walk
+/// (`O_PATH`, which sends a parallel filesystem's client no open), and the attributes that
+/// walk brought (`AT_STATX_DONT_SYNC`: where the walk asked the server, the attributes are
+/// what it answered; where the kernel's cache answered, they are what a `stat` would have
+/// given), so a launch on a live server costs the filesystem that walk only.
+pub fn look(path: &Path) -> Option<Looked> {
+    use rustix::fs::{AtFlags, FileType, OFlags, StatxFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::statx(
+        &fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+        StatxFlags::BASIC_STATS,
+    )
+    .ok()?;
+    if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile {
+        return None;
+    }
+    let ns = |t: rustix::fs::StatxTimestamp| {
+        i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
+    };
+    let dev = nix::sys::stat::makedev(st.stx_dev_major.into(), st.stx_dev_minor.into());
+    Some(Looked {
+        fd,
+        file: (
+            dev,
+            st.stx_ino,
+            st.stx_size,
+            ns(st.stx_mtime),
+            ns(st.stx_ctime),
+        ),
+    })
+}
+
 impl Key {
-    /// The key of an image file with metadata `m`.
+    /// The key of the image file `file` (see [`Looked::file`]).
     pub fn new(
-        m: &fs::Metadata,
+        file: (u64, u64, u64, i128, i128),
         ids: (u32, u32),
         read_ahead: bool,
         cache_size: Option<u64>,
     ) -> Key {
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
         Key {
-            file: (
-                m.dev(),
-                m.ino(),
-                m.size(),
-                ns(m.mtime(), m.mtime_nsec()),
-                ns(m.ctime(), m.ctime_nsec()),
-            ),
+            file,
             ids,
             read_ahead,
             cache_size,
@@ -156,11 +196,18 @@ pub struct Start {
     pub cache_size: Option<u64>,
     /// The first command's files, read ahead as the server starts.
     pub hint: Hint,
+    /// The image file's size, from the launch's look-up (the server need not ask again).
+    pub size: u64,
 }
 
 /// Get a container's root from the server of `key`, starting the server if there is none.
 /// Must be called while this process is single-threaded and has made no namespace.
-pub fn attach(key: &Key, start: &Start, linger: Duration) -> Result<Outcome, Error> {
+pub fn attach(
+    key: &Key,
+    image: &Looked,
+    start: &Start,
+    linger: Duration,
+) -> Result<Outcome, Error> {
     let uid = Uid::current();
     let name = key.name();
     let mut k = 0;
@@ -235,10 +282,7 @@ pub fn attach(key: &Key, start: &Start, linger: Duration) -> Result<Outcome, Err
         let l = seqpacket()?;
         match bind(l.as_raw_fd(), &addr) {
             Ok(()) => {
-                if !start_server(l, key, start)? {
-                    // The image changed between the stat and the open: start over with it.
-                    return Ok(Outcome::Private(None));
-                }
+                start_server(l, key, image, start)?;
                 started = true;
             }
             Err(Errno::EADDRINUSE) => {
@@ -336,21 +380,18 @@ pub fn serve_group(
 }
 
 /// Open the image and start its server, a daemon of its own (not a child of this process:
-/// it outlives it), serving `listener`. `false` if the image is not the one `key` names
-/// any more.
-fn start_server(listener: OwnedFd, key: &Key, start: &Start) -> Result<bool, Error> {
-    let file = fs::File::open(&start.image)
+/// it outlives it), serving `listener`. The file is not checked against the key again (one
+/// metadata operation less per node): an image replaced between the launch's `stat` and this
+/// open is served under the old file's key, which no later `stat` gives, so only the
+/// launches that saw the old file in that moment share the new one.
+fn start_server(listener: OwnedFd, key: &Key, image: &Looked, start: &Start) -> Result<(), Error> {
+    // Opened through the looked-up file itself: no second path walk.
+    let file = fs::File::open(enter::fd_path(&image.fd))
         .map_err(|e| Error::image(format!("{}: {}", start.image.display(), enter::io_msg(&e))))?;
-    let m = file
-        .metadata()
-        .map_err(|e| Error::image(format!("{}: {}", start.image.display(), enter::io_msg(&e))))?;
-    if &Key::new(&m, key.ids, key.read_ahead, key.cache_size) != key {
-        return Ok(false);
-    }
     match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
         Forked::Parent(child) => {
             let _ = waitpid(child, None);
-            Ok(true)
+            Ok(())
         }
         Forked::Child => {
             // The middle process exits at once: the server is nobody's child here.
@@ -394,6 +435,7 @@ fn server_main(listener: OwnedFd, file: fs::File, ids: (u32, u32), start: &Start
 fn serve(listener: OwnedFd, file: fs::File, ids: (u32, u32), start: &Start) -> Result<(), Error> {
     let lazy = cimg_format::OpenOptions {
         lazy: true,
+        size: Some(start.size),
         ..Default::default()
     };
     let img = cimg_format::Image::from_reader(file, &start.image, &lazy)
@@ -814,14 +856,25 @@ mod tests {
 
     #[test]
     fn keys_differ_by_file_ids_and_options() {
-        let m = fs::metadata("/proc/self/exe").unwrap();
-        let a = Key::new(&m, (1000, 1000), false, None);
-        assert_eq!(a.name(), Key::new(&m, (1000, 1000), false, None).name());
-        assert_ne!(a.name(), Key::new(&m, (0, 0), false, None).name());
-        assert_ne!(a.name(), Key::new(&m, (1000, 1000), true, None).name());
+        let m = look(Path::new("/proc/self/exe")).unwrap().file;
+        use std::os::unix::fs::MetadataExt;
+        let md = fs::metadata("/proc/self/exe").unwrap();
+        assert_eq!(
+            (m.0, m.1, m.2),
+            (md.dev(), md.ino(), md.size()),
+            "look agrees with stat"
+        );
+        assert!(
+            look(Path::new("/proc")).is_none(),
+            "a directory is no image file"
+        );
+        let a = Key::new(m, (1000, 1000), false, None);
+        assert_eq!(a.name(), Key::new(m, (1000, 1000), false, None).name());
+        assert_ne!(a.name(), Key::new(m, (0, 0), false, None).name());
+        assert_ne!(a.name(), Key::new(m, (1000, 1000), true, None).name());
         assert_ne!(
             a.name(),
-            Key::new(&m, (1000, 1000), false, Some(1 << 20)).name()
+            Key::new(m, (1000, 1000), false, Some(1 << 20)).name()
         );
         let mut b = a.clone();
         b.file.4 += 1; // a write changes the ctime

@@ -816,9 +816,9 @@ fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Err
     if plan.private || plan.record_hot.is_some() {
         return Ok(None);
     }
-    let meta = match fs::metadata(&plan.image) {
-        Ok(m) if m.is_file() => m,
-        _ => return Ok(None), // a directory, or an error the private path reports
+    // A directory, or an error the private path reports: not for the service.
+    let Some(looked) = service::look(&plan.image) else {
+        return Ok(None);
     };
     let linger = match (plan.linger, std::env::var("CIMG_LINGER")) {
         (Some(l), _) => l,
@@ -830,7 +830,7 @@ fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Err
         (None, Err(_)) => service::DEFAULT_LINGER,
     };
     let key = service::Key::new(
-        &meta,
+        looked.file,
         enter::inside_ids(plan),
         plan.read_ahead,
         plan.cache_size,
@@ -846,8 +846,9 @@ fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Err
             cwd: h.cwd,
             library_path: h.library_path,
         },
+        size: looked.file.2,
     };
-    match service::attach(&key, &start, linger)? {
+    match service::attach(&key, &looked, &start, linger)? {
         service::Outcome::Shared(a) => {
             log.v(|| format!("on the shared server of {}", plan.image.display()));
             Ok(Some(a))
