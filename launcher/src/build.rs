@@ -10,6 +10,7 @@ use nix::unistd::User;
 
 use crate::enter::{self, HostPath, Make, Root};
 use crate::error::{Error, errno_msg};
+use crate::host::HostFacts;
 use crate::plan::Plan;
 use crate::spec;
 
@@ -29,12 +30,13 @@ pub struct Hosts {
 
 impl Hosts {
     /// Open every host path `plan` binds in (with the standard ones).
-    pub fn open(plan: &Plan, user: Option<&User>) -> Result<Hosts, Error> {
+    pub fn open(plan: &Plan, user: Option<&User>, facts: &HostFacts) -> Result<Hosts, Error> {
         let sys = HostPath::open(Path::new("/sys"), "host")?;
         // All of /sys read-only, submounts included, before it is attached.
         sys.read_only("/sys")?;
         let home = if plan.home {
-            let h = std::env::var_os("HOME")
+            let h = facts
+                .var_os("HOME")
                 .map(PathBuf::from)
                 .or_else(|| user.map(|u| u.dir.clone()))
                 .ok_or_else(|| Error::setup("--home: HOME is not set".into()))?;
@@ -50,7 +52,10 @@ impl Hosts {
             tmp: if plan.private_tmp {
                 None
             } else {
-                Some(HostPath::open(&host_tmp_dir(), "host temporary directory")?)
+                Some(HostPath::open(
+                    &facts.tmp_dir(),
+                    "host temporary directory",
+                )?)
             },
             home,
             binds: plan
@@ -153,12 +158,4 @@ pub fn carry_out(
         }
     }
     Ok(())
-}
-
-/// The host's temporary directory: `$TMPDIR` if it is an absolute directory, else `/tmp`.
-fn host_tmp_dir() -> PathBuf {
-    match std::env::var_os("TMPDIR").map(PathBuf::from) {
-        Some(t) if t.is_absolute() && t.is_dir() => t,
-        _ => PathBuf::from("/tmp"),
-    }
 }

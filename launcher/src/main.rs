@@ -14,6 +14,7 @@
 //! - [`join`]: peers of one group share one container.
 //! - [`keeper`]: holds a shared server's container while daemons outlive the command.
 //! - [`sys`]: the only module with `unsafe` (fork, and the calls no crate wraps).
+//! - [`host`]: the host facts (environment, working directory), read once.
 //! - [`error`]: the one error type, carrying its exit code, and the exit codes.
 
 // The entry point is `sys::main`: the C `main` without Rust's runtime set-up, which reads
@@ -26,6 +27,7 @@
 mod build;
 mod enter;
 mod error;
+mod host;
 mod join;
 mod keeper;
 mod plan;

@@ -31,6 +31,7 @@ use nix::unistd::{Gid, Group, Pid, Uid, User, getpgid, getpgrp, getppid, pipe2};
 use crate::build::{Hosts, carry_out};
 use crate::enter::{self, HostPath, Root, STAGE};
 use crate::error::{Error, errno_msg};
+use crate::host::HostFacts;
 use crate::join::{self, JoinMode, Role};
 use crate::keeper::leave_keeper;
 use crate::plan::{self, Env, EnvOp, Plan};
@@ -111,11 +112,12 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
     if let Some(m) = &plan.manage {
         return service::manage(m, &|msg| log.v(|| msg.to_string()));
     }
-    match join::mode(&plan, &|k| std::env::var(k).ok())? {
-        JoinMode::Alone => create(plan, None, log),
+    let facts = HostFacts::read();
+    match join::mode(&plan, &|k| facts.var(k))? {
+        JoinMode::Alone => create(plan, None, log, &facts),
         JoinMode::Pid(pid) => {
-            let host = Host::read(&plan)?;
-            enter_existing(plan, host, Entry::Pid(pid), log)
+            let host = Host::read(&plan, &facts)?;
+            enter_existing(plan, host, Entry::Pid(pid), log, &facts)
         }
         JoinMode::Group { tag, count } => {
             // Peers compare image paths made absolute without touching the filesystem (no
@@ -123,7 +125,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
             let image = std::path::absolute(&plan.image).map_err(|e| {
                 Error::image(format!("{}: {}", plan.image.display(), enter::io_msg(&e)))
             })?;
-            let host = Host::read(&plan)?;
+            let host = Host::read(&plan, &facts)?;
             // A peer that answered may exit before we enter through it (ESRCH): ask again.
             for _ in 0..1000 {
                 match join::rendezvous(&tag, count, &image)? {
@@ -136,11 +138,11 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
                             count,
                             image,
                         };
-                        return create(plan, Some(g), log);
+                        return create(plan, Some(g), log, &facts);
                     }
                     Role::Alone(why) => {
                         log.warn(|| why);
-                        return create(plan, None, log);
+                        return create(plan, None, log, &facts);
                     }
                     Role::Joiner {
                         conn,
@@ -152,7 +154,7 @@ pub fn run(plan: Plan) -> Result<i32, Error> {
                             Ok(()) => {
                                 log.v(|| format!("group {tag}: joined"));
                                 let entry = Entry::Joined { conn, config };
-                                return enter_existing(plan, host, entry, log);
+                                return enter_existing(plan, host, entry, log, &facts);
                             }
                             Err(Errno::ESRCH) => continue,
                             Err(e) => {
@@ -180,10 +182,10 @@ struct Host {
 }
 
 impl Host {
-    fn read(plan: &Plan) -> Result<Host, Error> {
+    fn read(plan: &Plan, facts: &HostFacts) -> Result<Host, Error> {
         Ok(Host {
             env_files: read_env_files(plan)?,
-            cwd: std::env::current_dir().ok(),
+            cwd: facts.cwd.clone(),
             // Only --home needs the name: skip the user database (NSS) otherwise, it is a
             // measurable part of a joining rank's start.
             user_name: if plan.home {
@@ -191,7 +193,7 @@ impl Host {
                     .ok()
                     .flatten()
                     .map(|u| u.name)
-                    .or_else(|| std::env::var("USER").ok())
+                    .or_else(|| facts.var("USER"))
                     .unwrap_or_else(|| format!("user{}", Uid::current()))
             } else {
                 String::new()
@@ -233,13 +235,14 @@ fn read_env_files(plan: &Plan) -> Result<Vec<(PathBuf, Vec<u8>)>, Error> {
 /// `image_env` is the image config's Env; `ch_env` reads the image's /ch/environment.
 fn build_env(
     plan: &Plan,
+    facts: &HostFacts,
     env_files: &[(PathBuf, Vec<u8>)],
     image_env: Option<&[String]>,
     ch_env: &dyn Fn() -> Option<Vec<u8>>,
     home: Option<&Path>,
     log: &Log,
 ) -> Result<Env, Error> {
-    let mut env: Env = std::env::vars_os().collect();
+    let mut env: Env = facts.env.clone();
     let mut files = env_files.iter();
     for op in &plan.env_ops {
         match op {
@@ -272,8 +275,8 @@ fn build_env(
 }
 
 /// Build a new container and run the command in it (the first peer of a group, or alone).
-fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
-    let source = match shared_mount(&plan, &log)? {
+fn create(plan: Plan, group: Option<NewGroup>, log: Log, facts: &HostFacts) -> Result<i32, Error> {
+    let source = match shared_mount(&plan, &log, facts)? {
         Some(a) => Source::Shared(Box::new(a)),
         None => open_image(&plan.image)?,
     };
@@ -305,9 +308,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
     let user_name = user
         .as_ref()
         .map(|u| u.name.clone())
-        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| facts.var("USER"))
         .unwrap_or_else(|| format!("user{uid}"));
-    let hosts = Hosts::open(&plan, user.as_ref())?;
+    let hosts = Hosts::open(&plan, user.as_ref(), facts)?;
     let passwd = plan.passwd.then(|| {
         let group_name = Group::from_gid(gid)
             .ok()
@@ -347,7 +350,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         })?),
         None => None,
     };
-    let host_cwd = std::env::current_dir().ok();
+    let host_cwd = facts.cwd.clone();
 
     // Signals are taken from a signalfd from now on; the children restore this mask.
     let (sfd, old_mask) = block_signals()?;
@@ -376,9 +379,9 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
             opts.fs.record_hot = record_hot.clone();
             opts.fs.exec = Some(exec_hint(
                 &plan,
+                facts,
                 image_env.as_deref(),
                 image_workdir.as_deref(),
-                host_cwd.as_deref(),
             ));
             match fork().map_err(|e| Error::other(errno_msg("fork", e)))? {
                 Forked::Child => {
@@ -525,6 +528,7 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
         // The environment.
         let env = build_env(
             &plan,
+            facts,
             &env_files,
             image_env.as_deref(),
             &|| root.read(Path::new("/ch/environment")).ok(),
@@ -625,7 +629,13 @@ fn create(plan: Plan, group: Option<NewGroup>, log: Log) -> Result<i32, Error> {
 
 /// Run the command in a container that exists: a group's (through a peer inside) or a
 /// process's (`--join-pid`).
-fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32, Error> {
+fn enter_existing(
+    plan: Plan,
+    host: Host,
+    entry: Entry,
+    log: Log,
+    facts: &HostFacts,
+) -> Result<i32, Error> {
     let Host {
         env_files,
         cwd: host_cwd,
@@ -693,6 +703,7 @@ fn enter_existing(plan: Plan, host: Host, entry: Entry, log: Log) -> Result<i32,
     let home = (plan.home && home.is_dir()).then_some(home);
     let env = build_env(
         &plan,
+        facts,
         &env_files,
         config
             .as_ref()
@@ -773,9 +784,9 @@ struct Built {
 /// host and of the image's config, then the default one, are all tried, first match wins.
 fn exec_hint(
     plan: &Plan,
+    facts: &HostFacts,
     image_env: Option<&[String]>,
     image_workdir: Option<&Path>,
-    host_cwd: Option<&Path>,
 ) -> cimg_fuse::exec::ExecHint {
     let cmd = plan.cmd.first().map(|c| c.as_os_str()).unwrap_or_default();
     let image_path = image_env
@@ -784,7 +795,7 @@ fn exec_hint(
         .find_map(|kv| kv.strip_prefix("PATH="))
         .map(std::ffi::OsStr::new);
     let mut candidates = Vec::new();
-    for path in [std::env::var_os("PATH").as_deref(), image_path, None] {
+    for path in [facts.var_os("PATH"), image_path, None] {
         for c in plan::candidates(cmd, path) {
             if !candidates.contains(&c) {
                 candidates.push(c);
@@ -795,11 +806,12 @@ fn exec_hint(
         .cd
         .as_deref()
         .or(image_workdir)
-        .or(host_cwd)
+        .or(facts.cwd.as_deref())
         .unwrap_or(Path::new("/"))
         .to_path_buf();
-    let library_path = std::env::var_os("LD_LIBRARY_PATH")
-        .map(|l| std::env::split_paths(&l).collect())
+    let library_path = facts
+        .var_os("LD_LIBRARY_PATH")
+        .map(|l| std::env::split_paths(l).collect())
         .unwrap_or_default();
     cimg_fuse::exec::ExecHint {
         candidates,
@@ -812,7 +824,11 @@ fn exec_hint(
 /// one container's server, `--record-hot`) says otherwise or the image is not a file: then
 /// `None`, and the launch mounts the image itself. One `stat` of the image when its server
 /// is live ([`service`]).
-fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Error> {
+fn shared_mount(
+    plan: &Plan,
+    log: &Log,
+    facts: &HostFacts,
+) -> Result<Option<service::Attached>, Error> {
     if plan.private || plan.record_hot.is_some() {
         return Ok(None);
     }
@@ -820,14 +836,14 @@ fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Err
     let Some(looked) = service::look(&plan.image) else {
         return Ok(None);
     };
-    let linger = match (plan.linger, std::env::var("CIMG_LINGER")) {
+    let linger = match (plan.linger, facts.var("CIMG_LINGER")) {
         (Some(l), _) => l,
-        (None, Ok(v)) => service::parse_duration(&v).ok_or_else(|| {
+        (None, Some(v)) => service::parse_duration(&v).ok_or_else(|| {
             Error::usage(format!(
                 "CIMG_LINGER={v:?}: not a duration (e.g. 300, 30s, 5m, 1h)"
             ))
         })?,
-        (None, Err(_)) => service::DEFAULT_LINGER,
+        (None, None) => service::DEFAULT_LINGER,
     };
     let key = service::Key::new(
         looked.file,
@@ -835,8 +851,7 @@ fn shared_mount(plan: &Plan, log: &Log) -> Result<Option<service::Attached>, Err
         plan.read_ahead,
         plan.cache_size,
     );
-    let host_cwd = std::env::current_dir().ok();
-    let h = exec_hint(plan, None, None, host_cwd.as_deref());
+    let h = exec_hint(plan, facts, None, None);
     let start = service::Start {
         image: std::path::absolute(&plan.image).unwrap_or_else(|_| plan.image.clone()),
         read_ahead: plan.read_ahead,
