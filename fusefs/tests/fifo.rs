@@ -2,9 +2,8 @@
 //! of waiting forever in `open` for a writer. The child runs under a deadline and is killed
 //! past it, so this test cannot hang the suite.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -20,33 +19,11 @@ fn a_fifo_as_the_image_is_refused_at_once() {
         if fg {
             cmd.arg("--foreground");
         }
-        let mut child = cmd
-            .arg(&fifo)
-            .arg(&mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cimg-mount");
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if t0.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cimg-mount (foreground {fg}) still ran after {DEADLINE:?} on a fifo");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let (status, err) = cimg_tests::run_within(
+            cmd.arg(&fifo).arg(&mnt),
+            DEADLINE,
+            &format!("cimg-mount (foreground {fg}) on a fifo"),
+        );
         assert!(!status.success(), "cimg-mount mounted a fifo");
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "not one line: {err:?}");

@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -229,13 +229,7 @@ fn sigkill_of_a_peer_leaves_the_others_and_then_nothing() {
         &["--join-ct", "2", "--join-tag", &tag, &img],
         "echo $$; exec sleep 30",
     );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(b.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let b_app: u32 = line.trim().parse().unwrap();
+    let b_app: u32 = first_line(&mut b).trim().parse().unwrap();
     b.kill().unwrap();
     b.wait().unwrap();
     wait_until("the killed peer's app to go", || {
@@ -506,25 +500,6 @@ fn join_pid_enters_a_running_container() {
     fs::remove_file(&img).unwrap();
 }
 
-/// A process of uid 1234 (an unused uid) running a Python program, for playing another user.
-fn as_other_user(program: &str, args: &[&str]) -> Child {
-    // The system's Python: another user cannot run one under root's home (pyenv).
-    const PYTHON: &str = "/usr/bin/python3";
-    assert!(
-        have("setpriv") && std::path::Path::new(PYTHON).exists(),
-        "needs setpriv (util-linux) and {PYTHON} (python3)"
-    );
-    Command::new("setpriv")
-        .args(["--reuid", "1234", "--regid", "1234", "--clear-groups"])
-        .args([PYTHON, "-c", program])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// Python: hold the abstract socket names given as arguments (listening on the first,
 /// bound only on the others), say so, then wait to be killed.
 const SQUAT: &str = r#"
@@ -595,7 +570,7 @@ for level, kind, data in anc:
     fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
 print("answer", msg[:1], "fds", len(fds))
 "#;
-    let o = as_other_user(ASK, &[&format!("cimg-join/0/{tag}"), &img])
+    let o = python_as(1234, ASK, &[&format!("cimg-join/0/{tag}"), &img])
         .wait_with_output()
         .unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
@@ -628,17 +603,12 @@ fn squatted_rendezvous_names_do_not_stop_a_job() {
         .chain((1..8).map(|k| format!("{base}#{k}")))
         .collect();
     for held in [2usize, 8] {
-        let mut squatter = as_other_user(
+        let mut squatter = python_as(
+            1234,
             SQUAT,
             &names[..held].iter().map(String::as_str).collect::<Vec<_>>(),
         );
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line, "held\n");
+        assert_eq!(first_line(&mut squatter), "held\n");
         let release = Release::new();
         let script = format!("readlink /proc/self/ns/mnt; {}", release.wait());
         let args = ["--join-ct", "2", "--join-tag", &tag, &img];

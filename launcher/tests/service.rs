@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,35 @@ fn waiting_for(file: &Path) -> usize {
                 .is_some_and(|(_, cmd)| cmd.starts_with("sh -c"))
         })
         .count()
+}
+
+/// The abstract socket names (`@cimg-img/…`) the process `pid` holds, from `/proc/net/unix`
+/// by the inodes of its descriptors (a connection it accepted shows its listener's name too:
+/// each name once).
+fn socket_names(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.display().to_string();
+                    l.strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let names: std::collections::BTreeSet<String> = fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| {
+            f.len() > 7 && inodes.contains(&f[6].to_string()) && f[7].starts_with("@cimg-img/")
+        })
+        .map(|f| f[7].to_string())
+        .collect();
+    names.into_iter().collect()
 }
 
 impl Drop for Image {
@@ -243,35 +272,7 @@ fn linger_expiry_leaves_nothing() {
     ok(&img.run("2", &[], "true"));
     let server = img.servers();
     assert_eq!(server.len(), 1);
-    let name = |pid: u32| {
-        // The server's socket names, from /proc/net/unix (by inode of its descriptors).
-        let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| fs::read_link(e.path()).ok())
-                    .filter_map(|l| {
-                        let l = l.display().to_string();
-                        l.strip_prefix("socket:[")?
-                            .strip_suffix(']')
-                            .map(str::to_string)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        fs::read_to_string("/proc/net/unix")
-            .unwrap()
-            .lines()
-            .filter(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 7 && inodes.contains(&f[6].to_string()) && f[7].starts_with("@cimg-img/")
-            })
-            .map(|l| l.split_whitespace().nth(7).unwrap().to_string())
-            // (A connection it accepted shows the listener's name too.)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
-    };
-    let names = name(server[0]);
+    let names = socket_names(server[0]);
     assert_eq!(names.len(), 1, "the server listens on one name");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(img.servers(), server, "still lingering after 0.5 s");
@@ -392,13 +393,7 @@ fn sigkill_of_the_server_during_and_between_runs() {
     };
     // During a run.
     let mut running = img.spawn("60", &[], "echo up; exec sleep 30");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(running.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line, "up\n");
+    assert_eq!(first_line(&mut running), "up\n");
     let s = img.servers();
     assert_eq!(s.len(), 1);
     kill(s[0]);
@@ -507,14 +502,8 @@ except (BrokenPipeError, ConnectionResetError):
 except socket.timeout:
     print("no answer")
 "#;
-    assert!(
-        Path::new("/usr/bin/python3").exists(),
-        "needs /usr/bin/python3 (python3)"
-    );
-    let o = std::process::Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args(["/usr/bin/python3", "-c", ASK, &root_name])
-        .output()
+    let o = python_as(65534, ASK, &[&root_name])
+        .wait_with_output()
         .unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -539,24 +528,11 @@ fn a_squatted_service_name_is_skipped() {
     let img = Image::new("squat");
     ok(&img.run("60", &[], "true"));
     let pid = img.servers()[0];
-    let table = fs::read_to_string("/proc/net/unix").unwrap();
-    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.display().to_string();
-            l.strip_prefix("socket:[")?
-                .strip_suffix(']')
-                .map(str::to_string)
-        })
-        .collect();
-    let name: PathBuf = table
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 7 && inodes.contains(&f[6].to_string()))
-        .map(|f| f[7].trim_start_matches('@').into())
-        .expect("the server's name");
+    let name = socket_names(pid)
+        .pop()
+        .expect("the server's name")
+        .trim_start_matches('@')
+        .to_string();
     img.stop();
     const SQUAT: &str = r#"
 import socket, sys, time
@@ -565,20 +541,8 @@ s.bind("\0" + sys.argv[1]); s.listen(8)
 print("held", flush=True)
 time.sleep(60)
 "#;
-    let mut squatter = std::process::Command::new("setpriv")
-        .args(["--reuid", "1234", "--regid", "1234", "--clear-groups"])
-        .args(["/usr/bin/python3", "-c", SQUAT])
-        .arg(&name)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line, "held\n");
+    let mut squatter = python_as(1234, SQUAT, &[&name]);
+    assert_eq!(first_line(&mut squatter), "held\n");
     let a = img.run("60", &[], "stat -c %d /");
     let b = img.run("60", &[], "stat -c %d /");
     let _ = squatter.kill();

@@ -47,3 +47,40 @@ pub fn host_programs_tree(root: &Path, programs: &[&str]) {
         std::fs::copy(&l, &dst).expect("copy a library");
     }
 }
+
+/// Run `cmd` (stdin and stdout closed, stderr piped) and wait for it at most `deadline`:
+/// its exit status and standard error. Past the deadline it is killed and the test fails,
+/// naming `what`, so a hang of the program under test cannot hang the suite.
+pub fn run_within(
+    cmd: &mut std::process::Command,
+    deadline: std::time::Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still ran after {deadline:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut err);
+    (status, err)
+}

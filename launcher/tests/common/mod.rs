@@ -287,3 +287,34 @@ pub fn mounts_of(image: &Path) -> usize {
     }
     namespaces.len()
 }
+
+/// A Python program run as uid/gid `uid` (an unused one, to play another user), stdout and
+/// stderr piped. The system's Python: another user cannot run one under root's home (pyenv).
+pub fn python_as(uid: u32, program: &str, args: &[&str]) -> std::process::Child {
+    const PYTHON: &str = "/usr/bin/python3";
+    assert!(
+        have("setpriv") && Path::new(PYTHON).exists(),
+        "needs setpriv (util-linux) and {PYTHON} (python3)"
+    );
+    let id = uid.to_string();
+    Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .args([PYTHON, "-c", program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The first line `child` writes to its (piped) standard output.
+pub fn first_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
+        &mut line,
+    )
+    .unwrap();
+    line
+}
