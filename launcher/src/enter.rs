@@ -137,6 +137,26 @@ pub fn detach_stdio(stderr: bool) {
     }
 }
 
+/// Close every descriptor above standard error but `keep`: for a process forked from launch
+/// that outlives it (an image server, a keeper), which must hold nothing of launch's (a join
+/// group's listening socket or connection, held on, would keep the group alive, and its
+/// name bound, for as long as that process lives). From `/proc/self/fd`; the descriptors
+/// are the caller's own copies (a fork's), never closed again (the caller does not return).
+pub fn close_all_but(keep: &[std::os::fd::RawFd]) {
+    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<std::os::fd::RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > 2 && !keep.contains(&fd) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
 /// The FUSE server's options for `launch`: the block cache's size if given, speculative
 /// read-ahead only if asked (the image's hot list is prefetched regardless: it is what the
 /// start-up reads), and no page-cache pushes (with them a SIGKILLed server can hang the

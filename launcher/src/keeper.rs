@@ -3,7 +3,7 @@
 //! that stands for the container ([`leave_keeper`]).
 
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -18,8 +18,9 @@ use crate::sys::{Forked, fork};
 /// connection standing for it (the shared server counts the container alive while it is
 /// open) until no other process is left in the container, or kills them if the server dies
 /// first. Launch itself exits with the command's status at once, as without a keeper.
-/// (Not the join group's connection: a group whose peers have all ended is over, and the
-/// next launch with its tag makes a new container.)
+/// It keeps nothing else of launch's: a join group's connection in particular ends with the
+/// command (a group whose peers have all ended is over; the next launch with its tag makes
+/// a new container).
 pub fn leave_keeper(conns: &[(&OwnedFd, &'static str)], log: &dyn Fn(&str)) {
     if !matches!(
         waitpid(None, Some(WaitPidFlag::WNOHANG)),
@@ -29,6 +30,8 @@ pub fn leave_keeper(conns: &[(&OwnedFd, &'static str)], log: &dyn Fn(&str)) {
     }
     log("processes outlive the command: a keeper holds the container");
     if let Ok(Forked::Child) = fork() {
+        let keep: Vec<_> = conns.iter().map(|(c, _)| c.as_raw_fd()).collect();
+        enter::close_all_but(&keep);
         let _ = setsid();
         let _ = nix::sys::prctl::set_name(c"cimg-keeper");
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);

@@ -414,6 +414,8 @@ struct Conn {
 /// The server: never returns. Errors before it serves end it silently (its first launch
 /// then makes a private mount, which reports them).
 fn server_main(listener: OwnedFd, file: fs::File, ids: (u32, u32), start: &Start) -> ! {
+    // Nothing of the launch that started it: it outlives that launch (see `close_all_but`).
+    enter::close_all_but(&[listener.as_raw_fd(), file.as_raw_fd()]);
     // Launches may be waiting to connect already.
     if listen(&listener, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)).is_err() {
         std::process::exit(1);

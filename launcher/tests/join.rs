@@ -319,6 +319,21 @@ fn a_stale_group_does_not_block_the_next() {
         "readlink /proc/self/ns/mnt; (sleep 3 >/dev/null 2>&1 &) ; exit 0",
     );
     let old_ns = out(&daemon.wait_with_output().unwrap());
+    // That group is over with its last peer's command, daemon or not: its name is free
+    // within a moment, not once the daemon ends (3 s).
+    let name = format!("@cimg-join/0/{tag}");
+    let t = std::time::Instant::now();
+    while fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(7) == Some(name.as_str()))
+    {
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "the ended group's name is still bound"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The next group with the same tag makes its own container.
     let next: Vec<Child> = (0..2)
         .map(|_| {
@@ -633,4 +648,37 @@ fn squatted_rendezvous_names_do_not_stop_a_job() {
             }
         }
     }
+}
+
+/// A group on an image server that lingers: once its peers have ended, the group is over and
+/// its name free, though the server lives on (the server must hold nothing of the launch
+/// that started it, such as that launch's group listener).
+#[test]
+fn an_ended_group_frees_its_name_while_the_server_lingers() {
+    if !capable() {
+        return;
+    }
+    let img = private_image("linger-group");
+    let tag = format!("lg-{}", std::process::id());
+    let o = launch_cmd()
+        .env("CIMG_LINGER", "60")
+        .args(["--join-ct", "2", "--join-tag", &tag, &img, "--", "true"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let name = format!("@cimg-join/0/{tag}");
+    let bound = || {
+        fs::read_to_string("/proc/net/unix")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(7) == Some(name.as_str()))
+    };
+    wait_until("the group's name to be free", || !bound());
+    assert!(
+        !processes_with(&img).is_empty(),
+        "the server should still linger"
+    );
+    ok(&launch(&["--stop", &img]));
+    wait_until("the server gone", || processes_with(&img).is_empty());
+    fs::remove_file(&img).unwrap();
 }
